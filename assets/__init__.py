@@ -1,0 +1,1 @@
+"""Dagster assets: thin wiring from domain functions in billing_dagster/ to I/O."""

@@ -1,0 +1,1 @@
+"""billing-dagster: Kafka billing events to exact money figures, in Dagster micro-batches."""

@@ -1,0 +1,147 @@
+"""The billing event contract, defined once (reference design's BillingEvent v2.1.0).
+
+Everything that reads or writes events (producer, decoder, lake tables, tests) takes its
+field names and types from here.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import polars as pl
+
+SCHEMA_VERSION = "2.1.0"
+
+#: Decimal(12,2): ten integer digits and two fraction digits, as in the Avro logical type.
+MONEY_PRECISION = 12
+MONEY_SCALE = 2
+MONEY = pl.Decimal(MONEY_PRECISION, MONEY_SCALE)
+MONEY_MAX = Decimal("9999999999.99")
+
+DEFAULT_CURRENCY = "USD"
+
+
+class TransactionType(enum.StrEnum):
+    PAYMENT = "PAYMENT"
+    REFUND = "REFUND"
+    CHARGEBACK = "CHARGEBACK"
+    ADJUSTMENT = "ADJUSTMENT"
+
+
+TRANSACTION_TYPES: tuple[str, ...] = tuple(t.value for t in TransactionType)
+
+
+@dataclass(frozen=True)
+class BillingEvent:
+    """One billing event as a producer sees it. Money is Decimal, never float."""
+
+    event_id: str
+    customer_id: int
+    transaction_type: TransactionType
+    amount: Decimal
+    created_at: datetime
+    currency: str = DEFAULT_CURRENCY
+    metadata: str | None = None
+    # Added in v2.1.0; v1 events simply do not carry the field.
+    tax_amount: Decimal | None = None
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def to_json_bytes(self, *, include_tax_field: bool = True) -> bytes:
+        """The JSON wire encoding: money as decimal strings so no float ever touches it."""
+        body: dict[str, object] = {
+            "event_id": self.event_id,
+            "customer_id": self.customer_id,
+            "transaction_type": self.transaction_type.value,
+            "amount": format_money(self.amount),
+            "currency": self.currency,
+            "metadata": self.metadata,
+            "created_at": format_timestamp(self.created_at),
+        }
+        if include_tax_field:
+            body["tax_amount"] = None if self.tax_amount is None else format_money(self.tax_amount)
+        body.update(self.extra)
+        return json.dumps(body, separators=(",", ":")).encode()
+
+
+def format_money(value: Decimal) -> str:
+    return str(value.quantize(Decimal("0.01")))
+
+
+def format_timestamp(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+#: Fields of the wire format as they are pulled out of JSON, all as text first so that one
+#: wrongly typed value becomes a per-event quarantine reason instead of a failed batch.
+WIRE_FIELDS: tuple[str, ...] = (
+    "event_id",
+    "customer_id",
+    "transaction_type",
+    "amount",
+    "currency",
+    "metadata",
+    "tax_amount",
+    "created_at",
+)
+WIRE_STRUCT = pl.Struct({name: pl.String for name in WIRE_FIELDS})
+
+#: Where each record came from in Kafka; carried by every lake row and quarantine row.
+KAFKA_PROVENANCE_SCHEMA: dict[str, pl.DataType] = {
+    "kafka_topic": pl.String(),
+    "kafka_partition": pl.Int32(),
+    "kafka_offset": pl.Int64(),
+    "kafka_timestamp": pl.Datetime("us", "UTC"),
+    "kafka_key": pl.Binary(),
+}
+
+#: Records as read from Kafka, before decoding.
+KAFKA_RECORD_SCHEMA: dict[str, pl.DataType] = {
+    **KAFKA_PROVENANCE_SCHEMA,
+    "value": pl.Binary(),
+}
+
+#: The decoded event columns (the contract proper).
+EVENT_SCHEMA: dict[str, pl.DataType] = {
+    "event_id": pl.String(),
+    "customer_id": pl.Int64(),
+    "transaction_type": pl.String(),
+    "amount": MONEY,
+    "currency": pl.String(),
+    "metadata": pl.String(),
+    "tax_amount": MONEY,
+    "created_at": pl.Datetime("us", "UTC"),
+}
+
+#: Lake partition columns, as in the reference layout raw/year=/month=/day=/hour=.
+EVENT_HOUR_PARTITIONS: tuple[str, ...] = ("year", "month", "day", "hour")
+
+RAW_EVENT_SCHEMA: dict[str, pl.DataType] = {
+    **EVENT_SCHEMA,
+    **KAFKA_PROVENANCE_SCHEMA,
+    "ingested_at": pl.Datetime("us", "UTC"),
+    "ingest_run_id": pl.String(),
+    "year": pl.Int32(),
+    "month": pl.Int32(),
+    "day": pl.Int32(),
+    "hour": pl.Int32(),
+}
+
+QUARANTINE_SCHEMA: dict[str, pl.DataType] = {
+    **KAFKA_PROVENANCE_SCHEMA,
+    "raw_value": pl.Binary(),
+    "stage": pl.String(),
+    "rules": pl.List(pl.String()),
+    "reason": pl.String(),
+    "quarantined_at": pl.Datetime("us", "UTC"),
+    "ingest_run_id": pl.String(),
+    "quarantine_date": pl.String(),
+}
+QUARANTINE_PARTITIONS: tuple[str, ...] = ("quarantine_date",)
+
+#: Lake table names, relative to the lake root (reference layout: raw/...).
+RAW_TABLE = "raw"
+QUARANTINE_TABLE = "quarantine"

@@ -1,0 +1,58 @@
+"""The Dagster code location: `dagster dev -w workspace.yaml` loads `defs` from here."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from assets.partitions import log_hour_partitions
+from assets.raw_billing_events import build_raw_billing_events
+from billing_dagster.settings import Settings, load_settings
+from resources import DeltaLakeResource, KafkaResource
+from sensors.kafka_offsets import build_kafka_offsets_sensor
+
+#: Runs carrying this tag are limited to one at a time by the run queue (dev/dagster.yaml):
+#: offsets commit in order per partition, so parallel ingest runs would only conflict.
+INGEST_CONCURRENCY_TAG = "billing/ingest"
+
+
+def build_definitions(settings: Settings) -> dg.Definitions:
+    partitions = log_hour_partitions(settings.partitions_start)
+    raw_billing_events = build_raw_billing_events(partitions)
+    ingest_job = dg.define_asset_job(
+        "ingest_billing_events",
+        selection=[raw_billing_events],
+        partitions_def=partitions,
+        tags={INGEST_CONCURRENCY_TAG: "kafka"},
+        description="One micro-batch: Kafka offsets to the Delta lake, exactly once.",
+    )
+    sensor = build_kafka_offsets_sensor(
+        ingest_job,
+        asset_name=raw_billing_events.key.path[-1],
+        interval_s=settings.sensor_interval_s,
+        max_records_per_run=settings.max_records_per_run,
+        start_from=settings.start_from,
+    )
+    return dg.Definitions(
+        assets=[raw_billing_events],
+        jobs=[ingest_job],
+        sensors=[sensor],
+        resources={
+            "kafka": KafkaResource(
+                bootstrap_servers=settings.kafka_bootstrap_servers,
+                topic=settings.topic,
+                consumer_group=settings.consumer_group,
+                request_timeout_seconds=settings.kafka_request_timeout_s,
+            ),
+            "lake": DeltaLakeResource(
+                root=settings.lake_root,
+                s3_endpoint_url=settings.s3_endpoint_url,
+                aws_region=settings.aws_region,
+                aws_access_key_id=settings.aws_access_key_id,
+                aws_secret_access_key=settings.aws_secret_access_key,
+                s3_allow_http=settings.s3_allow_http,
+            ),
+        },
+    )
+
+
+defs = build_definitions(load_settings())

@@ -1,0 +1,246 @@
+"""Reading exact offset ranges from Kafka with assigned partitions (never group subscribe).
+
+Group subscription hands partitions out at the broker's discretion; a micro-batch must
+read exactly the offsets it was asked for, so partitions are assigned explicitly and the
+consumer group is used only to publish committed offsets (lag for ordinary Kafka tools).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import polars as pl
+from confluent_kafka import OFFSET_END, Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from billing_dagster.contract import KAFKA_RECORD_SCHEMA
+from billing_dagster.offsets import OffsetRange
+
+
+class KafkaUnavailableError(RuntimeError):
+    """The broker cannot be reached, or the topic does not exist."""
+
+
+class KafkaReadError(RuntimeError):
+    """Offsets that were asked for could not be read."""
+
+
+@dataclass(frozen=True)
+class KafkaSettings:
+    bootstrap_servers: str
+    consumer_group: str = "billing-dagster"
+    client_id: str = "billing-dagster"
+    request_timeout_s: float = 10.0
+
+
+def _consumer_config(settings: KafkaSettings) -> dict[str, object]:
+    return {
+        "bootstrap.servers": settings.bootstrap_servers,
+        "group.id": settings.consumer_group,
+        "client.id": settings.client_id,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "enable.partition.eof": True,
+        # Offsets deleted by retention must fail loudly, never be skipped silently.
+        "auto.offset.reset": "error",
+        "socket.timeout.ms": int(settings.request_timeout_s * 1000),
+        "fetch.max.bytes": 64 * 1024 * 1024,
+        "max.partition.fetch.bytes": 8 * 1024 * 1024,
+        "queued.max.messages.kbytes": 256 * 1024,
+    }
+
+
+class KafkaClient:
+    """A short-lived consumer for offset queries, range reads and offset commits."""
+
+    def __init__(self, settings: KafkaSettings) -> None:
+        self.settings = settings
+        self._consumer = Consumer(_consumer_config(settings))
+
+    def close(self) -> None:
+        self._consumer.close()
+
+    def __enter__(self) -> KafkaClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def partitions(self, topic: str) -> list[int]:
+        try:
+            metadata = self._consumer.list_topics(topic, timeout=self.settings.request_timeout_s)
+        except KafkaException as exc:
+            raise KafkaUnavailableError(
+                f"cannot reach Kafka at {self.settings.bootstrap_servers}: {exc.args[0]}"
+            ) from exc
+        described = metadata.topics.get(topic)
+        if described is None or described.error is not None or not described.partitions:
+            raise KafkaUnavailableError(
+                f"topic '{topic}' does not exist on {self.settings.bootstrap_servers}"
+            )
+        return sorted(described.partitions)
+
+    def watermarks(self, topic: str) -> dict[int, tuple[int, int]]:
+        """{partition: (low, high)}: the first retained offset and the next offset to write."""
+        result = {}
+        for partition in self.partitions(topic):
+            try:
+                result[partition] = self._consumer.get_watermark_offsets(
+                    TopicPartition(topic, partition),
+                    timeout=self.settings.request_timeout_s,
+                    cached=False,
+                )
+            except KafkaException as exc:
+                raise KafkaUnavailableError(
+                    f"cannot read offsets of {topic}/{partition} from "
+                    f"{self.settings.bootstrap_servers}: {exc.args[0]}"
+                ) from exc
+        return result
+
+    def end_offsets(self, topic: str) -> dict[int, int]:
+        return {p: high for p, (_, high) in self.watermarks(topic).items()}
+
+    def offsets_for_time(self, topic: str, moment: datetime) -> dict[int, int | None]:
+        """{partition: first offset whose timestamp >= moment}, None where there is none yet."""
+        millis = int(moment.astimezone(UTC).timestamp() * 1000)
+        query = [TopicPartition(topic, p, millis) for p in self.partitions(topic)]
+        try:
+            found = self._consumer.offsets_for_times(query, timeout=self.settings.request_timeout_s)
+        except KafkaException as exc:
+            raise KafkaUnavailableError(
+                f"cannot look up offsets by time on {topic}: {exc.args[0]}"
+            ) from exc
+        return {tp.partition: (None if tp.offset < 0 else tp.offset) for tp in found}
+
+    def read(
+        self, topic: str, ranges: Iterable[OffsetRange], *, timeout_s: float = 120.0
+    ) -> tuple[pl.DataFrame, dict[int, int]]:
+        """Read exactly the given ranges.
+
+        Returns the records and, per partition, the offset reading stopped at: the range
+        end, or the log end if the log ends sooner (offsets past the log end are not
+        claimed as read).
+        """
+        pending = {r.partition: r for r in ranges if r.size > 0}
+        reached = {p: r.start for p, r in pending.items()}
+        columns: dict[str, list] = {name: [] for name in KAFKA_RECORD_SCHEMA}
+        if not pending:
+            return pl.DataFrame(columns, schema=KAFKA_RECORD_SCHEMA), reached
+        consumer = self._consumer
+        consumer.assign([TopicPartition(topic, p, r.start) for p, r in pending.items()])
+        deadline = time.monotonic() + timeout_s
+        partitions, offsets, stamps = columns["kafka_partition"], columns["kafka_offset"], []
+        keys, values = columns["kafka_key"], columns["value"]
+        try:
+            while pending:
+                if time.monotonic() > deadline:
+                    left = ", ".join(f"{p}@{reached[p]}..{r.end}" for p, r in pending.items())
+                    raise KafkaReadError(f"timed out reading {topic}; still pending: {left}")
+                for message in consumer.consume(num_messages=20_000, timeout=0.5):
+                    partition = message.partition()
+                    wanted = pending.get(partition)
+                    error = message.error()
+                    if error is not None:
+                        if error.code() == KafkaError._PARTITION_EOF:
+                            if wanted is not None:
+                                reached[partition] = min(
+                                    wanted.end, max(reached[partition], message.offset())
+                                )
+                                self._finish(topic, partition, pending)
+                            continue
+                        if error.code() == KafkaError._AUTO_OFFSET_RESET:
+                            raise KafkaReadError(
+                                f"offsets of {topic}/{partition} from {reached.get(partition)} "
+                                "are no longer in Kafka (deleted by retention before they were "
+                                "processed); replay them from their source"
+                            )
+                        raise KafkaReadError(f"error reading {topic}/{partition}: {error}")
+                    offset = message.offset()
+                    if wanted is None or offset >= wanted.end:
+                        continue
+                    partitions.append(partition)
+                    offsets.append(offset)
+                    stamps.append(message.timestamp()[1])
+                    keys.append(message.key())
+                    values.append(message.value())
+                    reached[partition] = offset + 1
+                    if offset + 1 >= wanted.end:
+                        self._finish(topic, partition, pending)
+        finally:
+            consumer.unassign()
+        frame = pl.DataFrame(
+            {
+                "kafka_topic": pl.repeat(topic, len(offsets), eager=True, dtype=pl.String),
+                "kafka_partition": pl.Series(partitions, dtype=pl.Int32),
+                "kafka_offset": pl.Series(offsets, dtype=pl.Int64),
+                "kafka_timestamp": pl.Series(stamps, dtype=pl.Int64)
+                .cast(pl.Datetime("ms", "UTC"))
+                .cast(pl.Datetime("us", "UTC")),
+                "kafka_key": pl.Series(keys, dtype=pl.Binary),
+                "value": pl.Series(values, dtype=pl.Binary),
+            }
+        )
+        return frame, reached
+
+    def _finish(self, topic: str, partition: int, pending: dict[int, OffsetRange]) -> None:
+        pending.pop(partition, None)
+        self._consumer.pause([TopicPartition(topic, partition)])
+
+    def commit(self, topic: str, offsets: Mapping[int, int]) -> None:
+        """Publish processed offsets to the consumer group (next offset to read)."""
+        if offsets:
+            self._consumer.commit(
+                offsets=[TopicPartition(topic, p, o) for p, o in offsets.items()],
+                asynchronous=False,
+            )
+
+    def committed(self, topic: str) -> dict[int, int | None]:
+        query = [TopicPartition(topic, p) for p in self.partitions(topic)]
+        found = self._consumer.committed(query, timeout=self.settings.request_timeout_s)
+        return {tp.partition: (None if tp.offset < 0 else tp.offset) for tp in found}
+
+
+def ensure_topic(
+    bootstrap_servers: str,
+    topic: str,
+    *,
+    partitions: int = 24,
+    retention_ms: int = 7 * 24 * 3600 * 1000,
+    timeout_s: float = 30.0,
+) -> bool:
+    """Create the topic if it is missing. Returns True when it was created."""
+    admin = AdminClient({"bootstrap.servers": bootstrap_servers})
+    existing = admin.list_topics(timeout=timeout_s).topics
+    if topic in existing:
+        return False
+    futures = admin.create_topics(
+        [
+            NewTopic(
+                topic,
+                num_partitions=partitions,
+                replication_factor=1,
+                config={"retention.ms": str(retention_ms)},
+            )
+        ],
+        operation_timeout=timeout_s,
+    )
+    try:
+        futures[topic].result(timeout=timeout_s)
+    except KafkaException as exc:
+        if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+            raise
+        return False
+    return True
+
+
+__all__ = [
+    "OFFSET_END",
+    "KafkaClient",
+    "KafkaReadError",
+    "KafkaSettings",
+    "KafkaUnavailableError",
+    "ensure_topic",
+]

@@ -1,0 +1,128 @@
+"""Settings from environment variables, read once at the edge and validated.
+
+A wrong value stops with one line naming the variable, never a stack trace deep inside.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A setting has a value the platform cannot use; the message names the setting."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    kafka_bootstrap_servers: str
+    topic: str
+    consumer_group: str
+    kafka_request_timeout_s: float
+    lake_root: str
+    s3_endpoint_url: str | None
+    aws_region: str
+    aws_access_key_id: str | None
+    aws_secret_access_key: str | None
+    s3_allow_http: bool
+    sensor_interval_s: int
+    max_records_per_run: int
+    start_from: str
+    partitions_start: str
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, got '{raw}'") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of seconds, got '{raw}'") from None
+    if value <= 0:
+        raise ConfigError(f"{name} must be positive, got {raw}")
+    return value
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in {"1", "true", "yes", "on"}:
+        return True
+    if raw in {"0", "false", "no", "off"}:
+        return False
+    raise ConfigError(f"{name} must be true or false, got '{raw}'")
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    raw = env.get(name, "").strip().lower() or default
+    if raw not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got '{raw}'")
+    return raw
+
+
+def _bootstrap(env: Mapping[str, str], name: str, default: str) -> str:
+    raw = env.get(name, "").strip() or default
+    for server in raw.split(","):
+        host, _, port = server.strip().rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"{name} must be host:port[,host:port...], got '{raw}'")
+    return raw
+
+
+def _lake_root(env: Mapping[str, str], name: str, default: str) -> str:
+    raw = env.get(name, "").strip() or default
+    if "://" in raw:
+        if not raw.startswith(("s3://", "s3a://", "file://")):
+            raise ConfigError(f"{name} must be a local path or an s3:// URI, got '{raw}'")
+        return raw
+    return str(Path(raw).expanduser().resolve())
+
+
+def _partitions_start(env: Mapping[str, str], name: str, default: str) -> str:
+    raw = env.get(name, "").strip() or default
+    try:
+        datetime.strptime(raw, "%Y-%m-%d")
+    except ValueError:
+        raise ConfigError(f"{name} must be a date like 2024-01-01, got '{raw}'") from None
+    return raw
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    env = os.environ if env is None else env
+    topic = env.get("BILLING_TOPIC", "").strip() or "billing-events"
+    return Settings(
+        kafka_bootstrap_servers=_bootstrap(
+            env, "BILLING_KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"
+        ),
+        topic=topic,
+        consumer_group=env.get("BILLING_CONSUMER_GROUP", "").strip() or "billing-dagster",
+        kafka_request_timeout_s=_float(env, "BILLING_KAFKA_TIMEOUT_SECONDS", 10.0),
+        lake_root=_lake_root(env, "BILLING_LAKE_ROOT", "./.lake"),
+        s3_endpoint_url=env.get("BILLING_S3_ENDPOINT_URL", "").strip() or None,
+        aws_region=env.get("AWS_REGION", "").strip() or "us-east-1",
+        aws_access_key_id=env.get("AWS_ACCESS_KEY_ID") or None,
+        aws_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY") or None,
+        s3_allow_http=_bool(env, "BILLING_S3_ALLOW_HTTP", False),
+        sensor_interval_s=_int(env, "BILLING_SENSOR_INTERVAL_SECONDS", 5),
+        max_records_per_run=_int(env, "BILLING_MAX_RECORDS_PER_RUN", 500_000),
+        start_from=_choice(env, "BILLING_START_FROM", "earliest", ("earliest", "latest")),
+        partitions_start=_partitions_start(env, "BILLING_PARTITIONS_START", "2024-01-01"),
+    )

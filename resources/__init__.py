@@ -1,0 +1,6 @@
+"""Dagster resources: configuration plus a handle to one external system each."""
+
+from resources.kafka import KafkaResource
+from resources.lake import DeltaLakeResource
+
+__all__ = ["DeltaLakeResource", "KafkaResource"]

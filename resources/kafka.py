@@ -1,0 +1,21 @@
+from dagster import ConfigurableResource
+
+from billing_dagster.kafka_io import KafkaClient, KafkaSettings
+
+
+class KafkaResource(ConfigurableResource):
+    """The billing-events Kafka cluster (any Kafka-protocol broker)."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    topic: str = "billing-events"
+    consumer_group: str = "billing-dagster"
+    request_timeout_seconds: float = 10.0
+
+    def client(self) -> KafkaClient:
+        return KafkaClient(
+            KafkaSettings(
+                bootstrap_servers=self.bootstrap_servers,
+                consumer_group=self.consumer_group,
+                request_timeout_s=self.request_timeout_seconds,
+            )
+        )

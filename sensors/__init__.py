@@ -1,0 +1,1 @@
+"""Dagster sensors: poll external systems, request runs, keep cursors."""
