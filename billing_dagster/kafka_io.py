@@ -170,6 +170,10 @@ class KafkaClient:
                     if offset + 1 >= wanted.end:
                         self._finish(topic, partition, pending)
         finally:
+            # Pausing outlives unassign() in librdkafka: resume, or the next read stalls.
+            assigned = consumer.assignment()
+            if assigned:
+                consumer.resume(assigned)
             consumer.unassign()
         frame = pl.DataFrame(
             {

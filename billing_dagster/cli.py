@@ -1,0 +1,105 @@
+"""`billing-dagster`: the operator's command line."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from billing_dagster.kafka_io import KafkaUnavailableError, ensure_topic
+from billing_dagster.local_infra.process import REPO_ROOT, InfraError
+from billing_dagster.settings import ConfigError, load_settings
+
+USER_ERRORS = (ConfigError, InfraError, KafkaUnavailableError)
+
+
+class BillingGroup(click.Group):
+    """Turns mistakes a user can fix into one line and exit code 2, not a traceback."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except USER_ERRORS as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=BillingGroup)
+def main() -> None:
+    """billing-dagster: Kafka billing events to trusted money figures."""
+
+
+@main.command()
+@click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=500.0,
+              show_default=True, help="Events per second.")
+@click.option("--count", type=click.IntRange(min=1), help="Stop after this many events.")
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True),
+              help="Stop after this many seconds.")
+@click.option("--seed", type=int, default=7, show_default=True)
+@click.option("--duplicate-rate", type=click.FloatRange(0, 1), default=0.01, show_default=True)
+@click.option("--invalid-rate", type=click.FloatRange(0, 1), default=0.005, show_default=True)
+@click.option("--create-topic/--no-create-topic", default=True, show_default=True,
+              help="Create the topic (24 partitions) when it is missing.")
+@click.option("--single-record-batches", is_flag=True,
+              help="One record per produce batch (needed by the embedded Tansu broker).")
+def produce(rate, count, duration, seed, duplicate_rate, invalid_rate, create_topic,
+            single_record_batches) -> None:
+    """Write realistic synthetic billing events (with duplicates and invalid records)
+    to BILLING_TOPIC on BILLING_KAFKA_BOOTSTRAP_SERVERS, keyed by customer id."""
+    from billing_dagster.producer import make_producer, produce_at_rate
+    from billing_dagster.synthetic import SyntheticBillingStream
+
+    settings = load_settings()
+    if count is None and duration is None:
+        raise click.UsageError("give --count or --duration (or both)")
+    if create_topic:
+        try:
+            ensure_topic(settings.kafka_bootstrap_servers, settings.topic, partitions=24)
+        except Exception as exc:
+            raise KafkaUnavailableError(
+                f"cannot reach Kafka at {settings.kafka_bootstrap_servers} "
+                f"(BILLING_KAFKA_BOOTSTRAP_SERVERS): {exc}"
+            ) from None
+    stream = SyntheticBillingStream(
+        seed=seed, duplicate_rate=duplicate_rate, invalid_rate=invalid_rate
+    )
+    producer = make_producer(
+        settings.kafka_bootstrap_servers, single_record_batches=single_record_batches
+    )
+    counts = produce_at_rate(
+        producer, settings.topic, stream, rate=rate, count=count, duration_s=duration
+    )
+    total = sum(counts.values())
+    click.echo(
+        f"produced {total} records to {settings.topic}: {counts['valid']} valid, "
+        f"{counts['duplicate']} duplicate deliveries, {counts['invalid']} invalid"
+    )
+
+
+@main.command()
+@click.option("--port", type=int, default=3000, show_default=True, help="Dagster UI port.")
+@click.option("--broker", type=click.Choice(["tansu", "kafka"]), default="tansu",
+              show_default=True,
+              help="tansu: embedded, no Java; kafka: Apache Kafka from dev/kafka (needs setup).")
+@click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=200.0,
+              show_default=True, help="Synthetic events per second.")
+@click.option("--state-dir", type=click.Path(path_type=Path),
+              default=REPO_ROOT / ".demo", show_default=True,
+              help="Lake and Dagster home; wiped at start (the demo broker is memory-only).")
+@click.option("--for-seconds", type=click.FloatRange(min=1), help="Stop after this long.")
+def demo(port, broker, rate, state_dir, for_seconds) -> None:
+    """Start everything on loopback and open the pipeline in the Dagster UI."""
+    from billing_dagster.demo import run_demo
+
+    sys.exit(
+        run_demo(
+            state_dir=state_dir.resolve(),
+            ui_port=port,
+            broker_kind=broker,
+            rate=rate,
+            topic=load_settings().topic,
+            for_seconds=for_seconds,
+            echo=click.echo,
+        )
+    )

@@ -1,0 +1,120 @@
+"""The zero-configuration demo: embedded broker, Postgres, a local lake, a producer and
+`dagster dev` with this workspace, all on loopback, stopped together."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+from billing_dagster.kafka_io import ensure_topic
+from billing_dagster.local_infra.kafka import ApacheKafka
+from billing_dagster.local_infra.postgres import LocalPostgres
+from billing_dagster.local_infra.process import REPO_ROOT, InfraError, port_open
+from billing_dagster.local_infra.tansu import TansuBroker
+from billing_dagster.producer import make_producer, produce_at_rate
+from billing_dagster.synthetic import SyntheticBillingStream
+
+
+def start_broker(kind: str) -> ApacheKafka | TansuBroker:
+    if kind == "tansu":
+        return TansuBroker().start()
+    if kind == "kafka":
+        return ApacheKafka().start()
+    raise InfraError(f"BILLING_DEMO_BROKER must be tansu or kafka, got '{kind}'")
+
+
+def run_demo(
+    *,
+    state_dir: Path,
+    ui_port: int,
+    broker_kind: str,
+    rate: float,
+    topic: str,
+    for_seconds: float | None,
+    echo=print,
+) -> int:
+    if port_open(ui_port):
+        raise InfraError(f"port {ui_port} is in use: pass --port to choose another for the UI")
+    # The embedded broker keeps nothing across restarts, so neither may the lake: stale
+    # offsets in the lake would make new records look processed.
+    shutil.rmtree(state_dir, ignore_errors=True)
+    dagster_home = state_dir / "dagster_home"
+    dagster_home.mkdir(parents=True)
+    shutil.copy(REPO_ROOT / "dev" / "dagster.yaml", dagster_home / "dagster.yaml")
+    lake_root = state_dir / "lake"
+
+    stop = threading.Event()
+    # A plain SIGTERM would skip the clean-up below and leave servers running.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    with ExitStack() as stack:
+        echo(f"starting the {broker_kind} broker ...")
+        broker = start_broker(broker_kind)
+        stack.callback(broker.stop)
+        echo(f"  broker on {broker.bootstrap_servers}")
+        echo("starting Postgres for Dagster's run storage ...")
+        postgres = LocalPostgres(database="dagster").start()
+        stack.callback(postgres.stop)
+        echo(f"  {postgres.url}")
+        ensure_topic(broker.bootstrap_servers, topic, partitions=24)
+
+        producer = make_producer(
+            broker.bootstrap_servers, single_record_batches=broker.kind == "tansu"
+        )
+        producing = threading.Thread(
+            target=produce_at_rate,
+            args=(producer, topic, SyntheticBillingStream(seed=int(time.time()))),
+            kwargs={"rate": rate, "should_stop": stop.is_set},
+            daemon=True,
+        )
+        producing.start()
+        stack.callback(stop.set)
+        echo(f"producing ~{rate:g} billing events/s to '{topic}' (24 partitions)")
+
+        env = {
+            **os.environ,
+            "DAGSTER_HOME": str(dagster_home),
+            "DAGSTER_POSTGRES_URL": postgres.url,
+            "BILLING_KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
+            "BILLING_TOPIC": topic,
+            "BILLING_LAKE_ROOT": str(lake_root),
+        }
+        ui = subprocess.Popen(
+            [sys.executable, "-m", "dagster", "dev", "-w", str(REPO_ROOT / "workspace.yaml"),
+             "-h", "127.0.0.1", "-p", str(ui_port)],
+            cwd=REPO_ROOT,
+            env=env,
+            start_new_session=True,
+        )
+        stack.callback(_stop_dagster, ui)
+        echo(f"Dagster UI: http://127.0.0.1:{ui_port}  (lake: {lake_root}; Ctrl-C stops all)")
+        deadline = None if for_seconds is None else time.monotonic() + for_seconds
+        try:
+            while ui.poll() is None:
+                if deadline is not None and time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            echo("stopping ...")
+        return 0 if ui.poll() in (None, 0, -signal.SIGTERM) else ui.returncode
+
+
+def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _stop_dagster(process: subprocess.Popen) -> None:
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)

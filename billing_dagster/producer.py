@@ -1,0 +1,89 @@
+"""Produce synthetic billing events to Kafka at a steady rate."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+
+from confluent_kafka import Producer
+
+from billing_dagster.synthetic import GeneratedRecord, SyntheticBillingStream
+
+
+def make_producer(bootstrap_servers: str, *, single_record_batches: bool = False) -> Producer:
+    config: dict[str, object] = {
+        "bootstrap.servers": bootstrap_servers,
+        "client.id": "billing-dagster-producer",
+        # Idempotent: a retried send never lands twice in the log.
+        "enable.idempotence": True,
+        "acks": "all",
+        "linger.ms": 10,
+        "batch.size": 65536,
+        # Java's default partitioner, so a customer's events land where Java clients put them.
+        "partitioner": "murmur2_random",
+    }
+    if single_record_batches:
+        # Tansu (the embedded demo broker) reports end offsets per batch, not per record.
+        config["batch.num.messages"] = 1
+    else:
+        config["compression.type"] = "lz4"
+    return Producer(config)
+
+
+def send(producer: Producer, topic: str, record: GeneratedRecord) -> None:
+    while True:
+        try:
+            producer.produce(topic, key=record.key, value=record.value)
+            return
+        except BufferError:  # local queue full: let deliveries drain, then retry
+            producer.poll(0.05)
+
+
+def produce_records(
+    producer: Producer, topic: str, records: Iterable[GeneratedRecord]
+) -> Counter:
+    counts: Counter = Counter()
+    for record in records:
+        send(producer, topic, record)
+        counts[record.kind] += 1
+    remaining = producer.flush(60)
+    if remaining:
+        raise RuntimeError(f"{remaining} records were not acknowledged by Kafka")
+    return counts
+
+
+def produce_at_rate(
+    producer: Producer,
+    topic: str,
+    stream: SyntheticBillingStream,
+    *,
+    rate: float,
+    count: int | None = None,
+    duration_s: float | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+    on_progress: Callable[[Counter], None] | None = None,
+) -> Counter:
+    """Send `rate` events a second until `count` events or `duration_s` seconds."""
+    counts: Counter = Counter()
+    started = time.monotonic()
+    tick = 0.1
+    while not should_stop():
+        elapsed = time.monotonic() - started
+        if duration_s is not None and elapsed >= duration_s:
+            break
+        sent = sum(counts.values())
+        if count is not None and sent >= count:
+            break
+        due = int(rate * (elapsed + tick)) - sent
+        if count is not None:
+            due = min(due, count - sent)
+        for record in stream.records(max(0, due)):
+            send(producer, topic, record)
+            counts[record.kind] += 1
+        producer.poll(0)
+        if on_progress is not None:
+            on_progress(counts)
+        time.sleep(tick)
+    producer.flush(60)
+    return counts
