@@ -76,7 +76,7 @@ def build_raw_billing_events(partitions_def: dg.PartitionsDefinition) -> dg.Asse
                     )
                 )
                 context.log.info(f"log hour {context.partition_key} is offsets {ranges}")
-            report = ingest_offsets(client, lake.location(), topic, ranges, run_id=context.run_id)
+            report = ingest_offsets(client, lake.location(), topic, ranges, run_id=context.run.run_id)
         if report.plan.gaps_covered:
             context.log.warning(
                 "covered offsets an earlier run left uncommitted: "

@@ -15,13 +15,31 @@ from sensors.kafka_offsets import build_kafka_offsets_sensor
 INGEST_CONCURRENCY_TAG = "billing/ingest"
 
 
+def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
+    return {
+        "kafka": KafkaResource(
+            bootstrap_servers=settings.kafka_bootstrap_servers,
+            topic=settings.topic,
+            consumer_group=settings.consumer_group,
+            request_timeout_seconds=settings.kafka_request_timeout_s,
+        ),
+        "lake": DeltaLakeResource(
+            root=settings.lake_root,
+            s3_endpoint_url=settings.s3_endpoint_url,
+            aws_region=settings.aws_region,
+            aws_access_key_id=settings.aws_access_key_id,
+            aws_secret_access_key=settings.aws_secret_access_key,
+            s3_allow_http=settings.s3_allow_http,
+        ),
+    }
+
+
 def build_definitions(settings: Settings) -> dg.Definitions:
     partitions = log_hour_partitions(settings.partitions_start)
     raw_billing_events = build_raw_billing_events(partitions)
     ingest_job = dg.define_asset_job(
         "ingest_billing_events",
         selection=[raw_billing_events],
-        partitions_def=partitions,
         tags={INGEST_CONCURRENCY_TAG: "kafka"},
         description="One micro-batch: Kafka offsets to the Delta lake, exactly once.",
     )
@@ -36,22 +54,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         assets=[raw_billing_events],
         jobs=[ingest_job],
         sensors=[sensor],
-        resources={
-            "kafka": KafkaResource(
-                bootstrap_servers=settings.kafka_bootstrap_servers,
-                topic=settings.topic,
-                consumer_group=settings.consumer_group,
-                request_timeout_seconds=settings.kafka_request_timeout_s,
-            ),
-            "lake": DeltaLakeResource(
-                root=settings.lake_root,
-                s3_endpoint_url=settings.s3_endpoint_url,
-                aws_region=settings.aws_region,
-                aws_access_key_id=settings.aws_access_key_id,
-                aws_secret_access_key=settings.aws_secret_access_key,
-                s3_allow_http=settings.s3_allow_http,
-            ),
-        },
+        resources=build_resources(settings),
     )
 
 

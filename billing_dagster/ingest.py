@@ -11,8 +11,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import polars as pl
+
 from billing_dagster.contract import (
     EVENT_HOUR_PARTITIONS,
+    RAW_EVENT_SCHEMA,
     QUARANTINE_PARTITIONS,
     QUARANTINE_TABLE,
     RAW_TABLE,
@@ -105,3 +108,22 @@ def ingest_offsets(
     if not report.balanced:
         raise AssertionError(f"record accounting does not balance: {report}")
     return report
+
+
+def record_origins(lake: LakeLocation, topic: str, origins: dict[int, int]) -> None:
+    """Record where processing starts on partitions the lake has never seen (no rows)."""
+    if not origins:
+        return
+    table = lake.open(RAW_TABLE)
+    unseen = {
+        p: o for p, o in origins.items() if committed_offsets(table, topic, [p])[p] is None
+    }
+    append_exactly_once(
+        lake,
+        RAW_TABLE,
+        pl.DataFrame(schema=RAW_EVENT_SCHEMA),
+        topic=topic,
+        processed_up_to=unseen,
+        partition_by=EVENT_HOUR_PARTITIONS,
+        table=table,
+    )

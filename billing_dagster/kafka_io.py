@@ -13,11 +13,24 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import polars as pl
-from confluent_kafka import OFFSET_END, Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from billing_dagster.contract import KAFKA_RECORD_SCHEMA
 from billing_dagster.offsets import OffsetRange
+
+
+#: Leadership is settling (a new topic, a broker restart). librdkafka does not flag all of
+#: these as retriable, but they pass within moments.
+TRANSIENT_ERRORS = frozenset(
+    {
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+        KafkaError.REQUEST_TIMED_OUT,
+        KafkaError._TRANSPORT,
+    }
+)
 
 
 class KafkaUnavailableError(RuntimeError):
@@ -87,17 +100,24 @@ class KafkaClient:
         """{partition: (low, high)}: the first retained offset and the next offset to write."""
         result = {}
         for partition in self.partitions(topic):
-            try:
-                result[partition] = self._consumer.get_watermark_offsets(
-                    TopicPartition(topic, partition),
-                    timeout=self.settings.request_timeout_s,
-                    cached=False,
-                )
-            except KafkaException as exc:
-                raise KafkaUnavailableError(
-                    f"cannot read offsets of {topic}/{partition} from "
-                    f"{self.settings.bootstrap_servers}: {exc.args[0]}"
-                ) from exc
+            deadline = time.monotonic() + self.settings.request_timeout_s
+            while partition not in result:
+                try:
+                    result[partition] = self._consumer.get_watermark_offsets(
+                        TopicPartition(topic, partition),
+                        timeout=self.settings.request_timeout_s,
+                        cached=False,
+                    )
+                except KafkaException as exc:
+                    error = exc.args[0]
+                    transient = error.retriable() or error.code() in TRANSIENT_ERRORS
+                    if transient and time.monotonic() < deadline:
+                        time.sleep(0.2)
+                        continue
+                    raise KafkaUnavailableError(
+                        f"cannot read offsets of {topic}/{partition} from "
+                        f"{self.settings.bootstrap_servers}: {exc.args[0]}"
+                    ) from exc
         return result
 
     def end_offsets(self, topic: str) -> dict[int, int]:
@@ -237,11 +257,19 @@ def ensure_topic(
         if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
             raise
         return False
+    # A new topic's partitions answer only once each has a leader.
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        described = admin.list_topics(topic, timeout=timeout_s).topics.get(topic)
+        if described and described.partitions and all(
+            p.leader >= 0 and p.error is None for p in described.partitions.values()
+        ):
+            break
+        time.sleep(0.1)
     return True
 
 
 __all__ = [
-    "OFFSET_END",
     "KafkaClient",
     "KafkaReadError",
     "KafkaSettings",

@@ -206,6 +206,10 @@ class TickPlan:
     batches: tuple[PlannedBatch, ...]
     cursor: dict[int, int]
     recovering: bool
+    #: Partitions the lake has never seen, with the offset processing starts from. The
+    #: sensor records these in the lake before requesting runs, so that if the very first
+    #: run fails, later runs still know where processing began and cover its offsets.
+    origins: dict[int, int]
 
 
 def plan_sensor_tick(
@@ -237,6 +241,7 @@ def plan_sensor_tick(
         return lows.get(partition, 0) if start_from == "earliest" else ends[partition]
 
     starts = {p: initial(p) if cursor is None or p not in cursor else cursor[p] for p in ends}
+    origins = {p: starts[p] for p in ends if committed.get(p) is None}
     recovering = False
     if cursor is not None and not runs_in_flight:
         for partition, mark in committed.items():
@@ -245,10 +250,12 @@ def plan_sensor_tick(
                 recovering = True
     pending = {p: e for p, e in ends.items() if e > starts[p]}
     if not pending:
-        return TickPlan((), {p: max(starts[p], ends[p]) for p in ends}, recovering)
+        return TickPlan((), {p: max(starts[p], ends[p]) for p in ends}, recovering, origins)
     batches = [
         chunk
         for batch in split_by_log_hour(topic, starts, pending, now, offset_lookup)
         for chunk in chunk_batch(batch, max_records_per_run)
     ]
-    return TickPlan(tuple(batches), {p: max(starts[p], ends[p]) for p in ends}, recovering)
+    return TickPlan(
+        tuple(batches), {p: max(starts[p], ends[p]) for p in ends}, recovering, origins
+    )

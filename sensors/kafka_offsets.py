@@ -7,6 +7,7 @@ from dagster._core.storage.dagster_run import IN_PROGRESS_RUN_STATUSES
 
 from billing_dagster.contract import RAW_TABLE
 from billing_dagster.delta_lake import committed_offsets
+from billing_dagster.ingest import record_origins
 from billing_dagster.offsets import PlannedBatch, plan_sensor_tick
 from resources import DeltaLakeResource, KafkaResource
 
@@ -85,6 +86,7 @@ def build_kafka_offsets_sensor(
                 offset_lookup=lambda moment: client.offsets_for_time(topic, moment),
                 max_records_per_run=max_records_per_run,
             )
+        record_origins(lake.location(), topic, plan.origins)
         new_cursor = json.dumps(
             {"topic": topic, "offsets": {str(p): o for p, o in sorted(plan.cursor.items())}}
         )
