@@ -17,7 +17,7 @@ class KafkaBatchConfig(dg.Config):
     offset of its partition's log hour; the lake's offsets make that safe to repeat."""
 
     topic: str = ""
-    ranges: list[OffsetRangeConfig] = []
+    ranges: list[OffsetRangeConfig] = []  # noqa: RUF012 (pydantic copies defaults)
 
 
 def report_metadata(report: IngestReport) -> dict[str, object]:
@@ -36,7 +36,9 @@ def report_metadata(report: IngestReport) -> dict[str, object]:
         "processed_up_to": dg.MetadataValue.json(
             {str(p): o for p, o in sorted(report.processed_up_to.items())}
         ),
-        "raw_table_version": report.raw_table_version if report.raw_table_version is not None else -1,
+        "raw_table_version": report.raw_table_version
+        if report.raw_table_version is not None
+        else -1,
         "event_hours": ", ".join(report.event_hours),
         "dagster/row_count": report.events_written,
     }
@@ -76,7 +78,9 @@ def build_raw_billing_events(partitions_def: dg.PartitionsDefinition) -> dg.Asse
                     )
                 )
                 context.log.info(f"log hour {context.partition_key} is offsets {ranges}")
-            report = ingest_offsets(client, lake.location(), topic, ranges, run_id=context.run.run_id)
+            report = ingest_offsets(
+                client, lake.location(), topic, ranges, run_id=context.run.run_id
+            )
         if report.plan.gaps_covered:
             context.log.warning(
                 "covered offsets an earlier run left uncommitted: "

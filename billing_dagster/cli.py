@@ -31,20 +31,34 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=500.0,
-              show_default=True, help="Events per second.")
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0, min_open=True),
+    default=500.0,
+    show_default=True,
+    help="Events per second.",
+)
 @click.option("--count", type=click.IntRange(min=1), help="Stop after this many events.")
-@click.option("--duration", type=click.FloatRange(min=0, min_open=True),
-              help="Stop after this many seconds.")
+@click.option(
+    "--duration", type=click.FloatRange(min=0, min_open=True), help="Stop after this many seconds."
+)
 @click.option("--seed", type=int, default=7, show_default=True)
 @click.option("--duplicate-rate", type=click.FloatRange(0, 1), default=0.01, show_default=True)
 @click.option("--invalid-rate", type=click.FloatRange(0, 1), default=0.005, show_default=True)
-@click.option("--create-topic/--no-create-topic", default=True, show_default=True,
-              help="Create the topic (24 partitions) when it is missing.")
-@click.option("--single-record-batches", is_flag=True,
-              help="One record per produce batch (needed by the embedded Tansu broker).")
-def produce(rate, count, duration, seed, duplicate_rate, invalid_rate, create_topic,
-            single_record_batches) -> None:
+@click.option(
+    "--create-topic/--no-create-topic",
+    default=True,
+    show_default=True,
+    help="Create the topic (24 partitions) when it is missing.",
+)
+@click.option(
+    "--single-record-batches",
+    is_flag=True,
+    help="One record per produce batch (needed by the embedded Tansu broker).",
+)
+def produce(
+    rate, count, duration, seed, duplicate_rate, invalid_rate, create_topic, single_record_batches
+) -> None:
     """Write realistic synthetic billing events (with duplicates and invalid records)
     to BILLING_TOPIC on BILLING_KAFKA_BOOTSTRAP_SERVERS, keyed by customer id."""
     from billing_dagster.producer import make_producer, produce_at_rate
@@ -55,7 +69,12 @@ def produce(rate, count, duration, seed, duplicate_rate, invalid_rate, create_to
         raise click.UsageError("give --count or --duration (or both)")
     if create_topic:
         try:
-            ensure_topic(settings.kafka_bootstrap_servers, settings.topic, partitions=24)
+            ensure_topic(
+                settings.kafka_bootstrap_servers,
+                settings.topic,
+                partitions=24,
+                timeout_s=settings.kafka_request_timeout_s,
+            )
         except Exception as exc:
             raise KafkaUnavailableError(
                 f"cannot reach Kafka at {settings.kafka_bootstrap_servers} "
@@ -79,14 +98,27 @@ def produce(rate, count, duration, seed, duplicate_rate, invalid_rate, create_to
 
 @main.command()
 @click.option("--port", type=int, default=3000, show_default=True, help="Dagster UI port.")
-@click.option("--broker", type=click.Choice(["tansu", "kafka"]), default="tansu",
-              show_default=True,
-              help="tansu: embedded, no Java; kafka: Apache Kafka from dev/kafka (needs setup).")
-@click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=200.0,
-              show_default=True, help="Synthetic events per second.")
-@click.option("--state-dir", type=click.Path(path_type=Path),
-              default=REPO_ROOT / ".demo", show_default=True,
-              help="Lake and Dagster home; wiped at start (the demo broker is memory-only).")
+@click.option(
+    "--broker",
+    type=click.Choice(["tansu", "kafka"]),
+    default="tansu",
+    show_default=True,
+    help="tansu: embedded, no Java; kafka: Apache Kafka from dev/kafka (needs setup).",
+)
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0, min_open=True),
+    default=200.0,
+    show_default=True,
+    help="Synthetic events per second.",
+)
+@click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path),
+    default=REPO_ROOT / ".demo",
+    show_default=True,
+    help="Lake and Dagster home; wiped at start (the demo broker is memory-only).",
+)
 @click.option("--for-seconds", type=click.FloatRange(min=1), help="Stop after this long.")
 def demo(port, broker, rate, state_dir, for_seconds) -> None:
     """Start everything on loopback and open the pipeline in the Dagster UI."""
@@ -103,3 +135,7 @@ def demo(port, broker, rate, state_dir, for_seconds) -> None:
             echo=click.echo,
         )
     )
+
+
+if __name__ == "__main__":
+    main()

@@ -59,7 +59,10 @@ def _diagnose(value: bytes | None) -> tuple[str, str]:
     try:
         document = json.loads(text)
     except json.JSONDecodeError as exc:
-        return "json", f"value is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
+        return (
+            "json",
+            f"value is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})",
+        )
     if not isinstance(document, dict):
         kind = "null" if document is None else type(document).__name__
         return "json_object", f"value is a JSON {kind}, expected an object"
@@ -99,9 +102,7 @@ def _event_columns() -> list[pl.Expr]:
         pl.col("metadata"),
         _money("tax_amount"),
         # A v2.1.0 Avro record carries no event time; such events take the Kafka timestamp.
-        pl.coalesce(created_at, pl.col("kafka_timestamp")).alias(
-            "created_at"
-        ),
+        pl.coalesce(created_at, pl.col("kafka_timestamp")).alias("created_at"),
     ]
 
 
@@ -112,9 +113,7 @@ def _money(column: str) -> pl.Expr:
     return pl.when(text != "").then(text).cast(MONEY).alias(column)
 
 
-def decode_json_records(
-    records: pl.DataFrame, *, run_id: str, now: datetime
-) -> DecodedBatch:
+def decode_json_records(records: pl.DataFrame, *, run_id: str, now: datetime) -> DecodedBatch:
     """Decode JSON-encoded billing events; every record ends up in exactly one output."""
     records = records.select(
         [pl.col(name).cast(dtype) for name, dtype in KAFKA_RECORD_SCHEMA.items()]

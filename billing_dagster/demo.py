@@ -86,8 +86,18 @@ def run_demo(
             "BILLING_LAKE_ROOT": str(lake_root),
         }
         ui = subprocess.Popen(
-            [sys.executable, "-m", "dagster", "dev", "-w", str(REPO_ROOT / "workspace.yaml"),
-             "-h", "127.0.0.1", "-p", str(ui_port)],
+            [
+                sys.executable,
+                "-m",
+                "dagster",
+                "dev",
+                "-w",
+                str(REPO_ROOT / "workspace.yaml"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(ui_port),
+            ],
             cwd=REPO_ROOT,
             env=env,
             start_new_session=True,

@@ -15,9 +15,9 @@ import polars as pl
 
 from billing_dagster.contract import (
     EVENT_HOUR_PARTITIONS,
-    RAW_EVENT_SCHEMA,
     QUARANTINE_PARTITIONS,
     QUARANTINE_TABLE,
+    RAW_EVENT_SCHEMA,
     RAW_TABLE,
 )
 from billing_dagster.decoding import decode_json_records
@@ -115,9 +115,7 @@ def record_origins(lake: LakeLocation, topic: str, origins: dict[int, int]) -> N
     if not origins:
         return
     table = lake.open(RAW_TABLE)
-    unseen = {
-        p: o for p, o in origins.items() if committed_offsets(table, topic, [p])[p] is None
-    }
+    unseen = {p: o for p, o in origins.items() if committed_offsets(table, topic, [p])[p] is None}
     append_exactly_once(
         lake,
         RAW_TABLE,

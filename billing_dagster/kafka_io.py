@@ -19,7 +19,6 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from billing_dagster.contract import KAFKA_RECORD_SCHEMA
 from billing_dagster.offsets import OffsetRange
 
-
 #: Leadership is settling (a new topic, a broker restart). librdkafka does not flag all of
 #: these as retriable, but they pass within moments.
 TRANSIENT_ERRORS = frozenset(
@@ -261,8 +260,10 @@ def ensure_topic(
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         described = admin.list_topics(topic, timeout=timeout_s).topics.get(topic)
-        if described and described.partitions and all(
-            p.leader >= 0 and p.error is None for p in described.partitions.values()
+        if (
+            described
+            and described.partitions
+            and all(p.leader >= 0 and p.error is None for p in described.partitions.values())
         ):
             break
         time.sleep(0.1)

@@ -138,9 +138,7 @@ class ReadPlan:
         return sum(r.size for r in self.reads)
 
 
-def plan_reads(
-    requested: Iterable[OffsetRange], committed: Mapping[int, int | None]
-) -> ReadPlan:
+def plan_reads(requested: Iterable[OffsetRange], committed: Mapping[int, int | None]) -> ReadPlan:
     """Resume each requested range at the lake's committed offset.
 
     - committed >= end: the range is done; nothing is read (a rerun is a no-op).
@@ -256,6 +254,4 @@ def plan_sensor_tick(
         for batch in split_by_log_hour(topic, starts, pending, now, offset_lookup)
         for chunk in chunk_batch(batch, max_records_per_run)
     ]
-    return TickPlan(
-        tuple(batches), {p: max(starts[p], ends[p]) for p in ends}, recovering, origins
-    )
+    return TickPlan(tuple(batches), {p: max(starts[p], ends[p]) for p in ends}, recovering, origins)

@@ -40,9 +40,7 @@ def send(producer: Producer, topic: str, record: GeneratedRecord) -> None:
             producer.poll(0.05)
 
 
-def produce_records(
-    producer: Producer, topic: str, records: Iterable[GeneratedRecord]
-) -> Counter:
+def produce_records(producer: Producer, topic: str, records: Iterable[GeneratedRecord]) -> Counter:
     counts: Counter = Counter()
     for record in records:
         send(producer, topic, record)

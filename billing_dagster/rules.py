@@ -72,7 +72,9 @@ CONTRACT_RULES: tuple[Rule, ...] = (
     Rule(
         name="integer:customer_id",
         violated=_present("customer_id") & ~_text("customer_id").str.contains(CUSTOMER_ID_PATTERN),
-        message=pl.format("customer_id must be a positive integer, got '{}'", pl.col("customer_id")),
+        message=pl.format(
+            "customer_id must be a positive integer, got '{}'", pl.col("customer_id")
+        ),
     ),
     _missing("transaction_type"),
     Rule(

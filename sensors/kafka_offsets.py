@@ -94,7 +94,9 @@ def build_kafka_offsets_sensor(
             context.update_cursor(new_cursor)
             return dg.SkipReason(f"no new records on {topic}")
         if plan.recovering:
-            context.log.warning("lake is behind requested offsets with no run in flight; re-requesting")
+            context.log.warning(
+                "lake is behind requested offsets with no run in flight; re-requesting"
+            )
         return dg.SensorResult(
             run_requests=[_run_request(b, asset_name) for b in plan.batches], cursor=new_cursor
         )

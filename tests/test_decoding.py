@@ -59,8 +59,10 @@ def test_valid_event_decodes_with_exact_money_and_event_hour():
 
 def test_v1_event_without_tax_field_and_v2_event_share_one_frame():
     v1 = b'{"event_id":"a","customer_id":1,"transaction_type":"PAYMENT","amount":"10.00"}'
-    v2 = (b'{"event_id":"b","customer_id":1,"transaction_type":"REFUND","amount":"-10.00",'
-          b'"currency":"GBP","tax_amount":"-2.00","metadata":null}')
+    v2 = (
+        b'{"event_id":"b","customer_id":1,"transaction_type":"REFUND","amount":"-10.00",'
+        b'"currency":"GBP","tax_amount":"-2.00","metadata":null}'
+    )
     batch = decode([v1, v2])
     assert batch.quarantine.height == 0
     assert batch.events["tax_amount"].to_list() == [None, Decimal("-2.00")]
@@ -73,7 +75,9 @@ def test_json_number_amounts_are_exact_and_extra_precision_is_refused():
     ok = b'{"event_id":"a","customer_id":1,"transaction_type":"PAYMENT","amount":0.1}'
     zeros = b'{"event_id":"b","customer_id":1,"transaction_type":"PAYMENT","amount":"5.100"}'
     refused = b'{"event_id":"c","customer_id":1,"transaction_type":"PAYMENT","amount":0.105}'
-    too_big = b'{"event_id":"d","customer_id":1,"transaction_type":"PAYMENT","amount":"12345678901"}'
+    too_big = (
+        b'{"event_id":"d","customer_id":1,"transaction_type":"PAYMENT","amount":"12345678901"}'
+    )
     batch = decode([ok, zeros, refused, too_big])
     assert batch.events["amount"].to_list() == [Decimal("0.10"), Decimal("5.10")]
     assert batch.quarantine["kafka_offset"].to_list() == [102, 103]
@@ -82,12 +86,19 @@ def test_json_number_amounts_are_exact_and_extra_precision_is_refused():
 
 
 def test_each_kind_of_bad_record_is_quarantined_with_its_reason_and_bytes():
-    values = [b"\xff\xfe", b"not json", b"[1, 2]", b"null", b"", None,
-              b'{"event_id":"x","customer_id":"abc","transaction_type":"GIFT","amount":"1"}',
-              b'{"event_id":"y","customer_id":1,"transaction_type":"PAYMENT","amount":"1",'
-              b'"metadata":{"nested":true}}',
-              b'{"event_id":"z","customer_id":1,"transaction_type":"PAYMENT","amount":"1",'
-              b'"currency":"usd","created_at":"yesterday"}']
+    values = [
+        b"\xff\xfe",
+        b"not json",
+        b"[1, 2]",
+        b"null",
+        b"",
+        None,
+        b'{"event_id":"x","customer_id":"abc","transaction_type":"GIFT","amount":"1"}',
+        b'{"event_id":"y","customer_id":1,"transaction_type":"PAYMENT","amount":"1",'
+        b'"metadata":{"nested":true}}',
+        b'{"event_id":"z","customer_id":1,"transaction_type":"PAYMENT","amount":"1",'
+        b'"currency":"usd","created_at":"yesterday"}',
+    ]
     batch = decode(values)
     assert batch.events.height == 0
     q = batch.quarantine.sort("kafka_offset")
@@ -113,7 +124,9 @@ def test_each_kind_of_bad_record_is_quarantined_with_its_reason_and_bytes():
 def test_missing_required_fields_are_named():
     batch = decode([b'{"customer_id": 5}'])
     assert batch.quarantine["rules"][0].to_list() == [
-        "required:event_id", "required:transaction_type", "required:amount"
+        "required:event_id",
+        "required:transaction_type",
+        "required:amount",
     ]
     assert "missing required field event_id" in batch.quarantine["reason"][0]
 

@@ -87,10 +87,10 @@ def test_new_events_flow_to_delta_exactly_once_with_exact_money(pipeline: Pipeli
     assert raw.schema["amount"] == pl.Decimal(12, 2)
     expected = Counter((r.event.event_id, r.event.amount) for r in records if r.event)
     assert Counter(zip(raw["event_id"], raw["amount"], strict=True)) == expected
-    assert raw["amount"].sum() == sum(
-        (r.event.amount for r in records if r.event), Decimal("0.00")
-    )
-    assert set(quarantine["raw_value"].to_list()) <= {r.value for r in records if r.kind == "invalid"}
+    assert raw["amount"].sum() == sum((r.event.amount for r in records if r.event), Decimal("0.00"))
+    assert set(quarantine["raw_value"].to_list()) <= {
+        r.value for r in records if r.kind == "invalid"
+    }
     assert quarantine["reason"].null_count() == 0
 
     metadata = result.asset_materializations_for_node("raw_billing_events")[0].metadata
@@ -198,7 +198,7 @@ def test_a_later_run_covers_offsets_an_earlier_failed_run_left_behind(pipeline: 
     instance = dg.DagsterInstance.ephemeral()
     first_records = generated(seed=16, count=600)
     pipeline.produce(first_records)
-    (first,), cursor, _ = evaluate_sensor(pipeline, instance, None)
+    (first,), _cursor, _ = evaluate_sensor(pipeline, instance, None)
     second_records = generated(seed=17, count=600)
     pipeline.produce(second_records)
     with pipeline.client() as client:
@@ -261,8 +261,12 @@ def test_lake_ahead_of_topic_stops_with_a_clear_error(pipeline: Pipeline, kafka,
     raw = pipeline.lake.open(RAW_TABLE)
     marks = committed_offsets(raw, topic, list(range(24)))
     append_exactly_once(
-        pipeline.lake, RAW_TABLE, lake_rows(pipeline).clear(), topic=other,
-        processed_up_to={p: m for p, m in marks.items() if m}, partition_by=(),
+        pipeline.lake,
+        RAW_TABLE,
+        lake_rows(pipeline).clear(),
+        topic=other,
+        processed_up_to={p: m for p, m in marks.items() if m},
+        partition_by=(),
     )
     with pytest.raises(TopicResetError, match="recreated"):
         evaluate_sensor(recreated, instance, None)

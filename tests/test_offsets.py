@@ -55,14 +55,21 @@ def test_chunk_batch_bounds_records_per_run_and_keeps_every_offset():
     batch = PlannedBatch("t", "k", (OffsetRange(0, 0, 1000), OffsetRange(1, 500, 503)))
     chunks = chunk_batch(batch, 300)
     assert all(c.size <= 300 for c in chunks)
-    covered = sorted((r.partition, o) for c in chunks for r in c.ranges for o in range(r.start, r.end))
+    covered = sorted(
+        (r.partition, o) for c in chunks for r in c.ranges for o in range(r.start, r.end)
+    )
     assert covered == sorted([(0, o) for o in range(1000)] + [(1, o) for o in range(500, 503)])
     assert len({c.run_key for c in chunks}) == len(chunks)
 
 
 def test_plan_reads_skips_done_resumes_partial_and_covers_gaps():
     plan = plan_reads(
-        [OffsetRange(0, 0, 10), OffsetRange(1, 10, 20), OffsetRange(2, 20, 30), OffsetRange(3, 5, 9)],
+        [
+            OffsetRange(0, 0, 10),
+            OffsetRange(1, 10, 20),
+            OffsetRange(2, 20, 30),
+            OffsetRange(3, 5, 9),
+        ],
         {0: 10, 1: 15, 2: 12, 3: None},
     )
     assert plan.already_committed == (OffsetRange(0, 0, 10),)
@@ -72,9 +79,15 @@ def test_plan_reads_skips_done_resumes_partial_and_covers_gaps():
 
 def tick(**overrides):
     arguments = dict(
-        cursor=None, lows={0: 0, 1: 0}, ends={0: 10, 1: 0}, committed={0: None, 1: None},
-        runs_in_flight=False, start_from="earliest", now=NOW,
-        offset_lookup=lambda m: {0: 0, 1: None}, max_records_per_run=1000,
+        cursor=None,
+        lows={0: 0, 1: 0},
+        ends={0: 10, 1: 0},
+        committed={0: None, 1: None},
+        runs_in_flight=False,
+        start_from="earliest",
+        now=NOW,
+        offset_lookup=lambda m: {0: 0, 1: None},
+        max_records_per_run=1000,
     )
     arguments.update(overrides)
     return plan_sensor_tick("t", **arguments)

@@ -99,9 +99,16 @@ class ApacheKafka:
     def start(self, timeout_s: float = 90.0) -> ApacheKafka:
         java, classpath = self._java(), self._classpath()
         config = self._write_config()
-        jvm = [java, f"-Xmx{self.heap}", "-Xms128m", "-XX:+UseG1GC", "-Djava.awt.headless=true",
-               f"-Dlog4j2.configurationFile={KAFKA_DEV_DIR / 'log4j2.properties'}",
-               "-cp", classpath]
+        jvm = [
+            java,
+            f"-Xmx{self.heap}",
+            "-Xms128m",
+            "-XX:+UseG1GC",
+            "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={KAFKA_DEV_DIR / 'log4j2.properties'}",
+            "-cp",
+            classpath,
+        ]
         formatted = subprocess.run(
             [*jvm, "kafka.tools.StorageTool", "format", "-t", _cluster_id(), "-c", str(config)],
             capture_output=True,
@@ -109,12 +116,16 @@ class ApacheKafka:
             timeout=120,
         )
         if formatted.returncode != 0:
-            raise InfraError(f"formatting Kafka storage failed:\n{formatted.stdout}{formatted.stderr}")
+            raise InfraError(
+                f"formatting Kafka storage failed:\n{formatted.stdout}{formatted.stderr}"
+            )
         self.process = spawn([*jvm, "kafka.Kafka", str(config)], log=self.log)
         admin = AdminClient({"bootstrap.servers": self.bootstrap_servers})
         wait_until(
-            lambda: admin.list_topics(timeout=2).brokers is not None
-            and len(admin.list_topics(timeout=2).brokers) > 0,
+            lambda: (
+                admin.list_topics(timeout=2).brokers is not None
+                and len(admin.list_topics(timeout=2).brokers) > 0
+            ),
             what=f"Kafka on {self.bootstrap_servers}",
             timeout_s=timeout_s,
             process=self.process,

@@ -6,6 +6,7 @@ that Debian's package creates.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
@@ -53,43 +54,64 @@ class LocalPostgres:
             command = ["runuser", "-u", "postgres", "--", *command]
         result = subprocess.run(command, capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
-            raise InfraError(
-                f"{args[0]} failed:\n{result.stdout}{result.stderr}\n{tail(self.log)}"
-            )
+            raise InfraError(f"{args[0]} failed:\n{result.stdout}{result.stderr}\n{tail(self.log)}")
         return result
 
     def start(self) -> LocalPostgres:
         if self._as_root:
             shutil.chown(self.workdir, user="postgres", group="postgres")
-        self._run("initdb", "-D", str(self.datadir), "-U", self.user, "--auth=trust",
-                  "-E", "UTF8", "--no-locale", "--no-sync")
+        self._run(
+            "initdb",
+            "-D",
+            str(self.datadir),
+            "-U",
+            self.user,
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-locale",
+            "--no-sync",
+        )
         options = (
             f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.workdir} "
             "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
             "-c max_connections=200 -c wal_level=logical"
         )
-        self._run("pg_ctl", "-D", str(self.datadir), "-l", str(self.log), "-o", options,
-                  "-w", "-t", "60", "start")
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self.datadir),
+            "-l",
+            str(self.log),
+            "-o",
+            options,
+            "-w",
+            "-t",
+            "60",
+            "start",
+        )
         self._started = True
         wait_until(
-            lambda: subprocess.run(
-                [str(self.bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port)],
-                capture_output=True,
-            ).returncode == 0,
+            lambda: (
+                subprocess.run(
+                    [str(self.bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port)],
+                    capture_output=True,
+                ).returncode
+                == 0
+            ),
             what=f"Postgres on port {self.port}",
             timeout_s=30,
             log=self.log,
         )
-        self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user,
-                  self.database)
+        self._run(
+            "createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user, self.database
+        )
         return self
 
     def stop(self) -> None:
         if self._started:
-            try:
+            with contextlib.suppress(InfraError):
                 self._run("pg_ctl", "-D", str(self.datadir), "-m", "immediate", "-w", "stop")
-            except InfraError:
-                pass
             self._started = False
         shutil.rmtree(self.workdir, ignore_errors=True)
 

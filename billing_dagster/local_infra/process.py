@@ -54,7 +54,9 @@ def wait_until(
         except Exception:  # a server that is still starting may refuse or reset
             pass
         time.sleep(0.2)
-    raise InfraError(f"{what} did not become ready in {timeout_s:.0f}s:\n{tail(log) if log else ''}")
+    raise InfraError(
+        f"{what} did not become ready in {timeout_s:.0f}s:\n{tail(log) if log else ''}"
+    )
 
 
 def stop_process(process: subprocess.Popen | None, timeout_s: float = 20.0) -> None:

@@ -13,7 +13,13 @@ from pathlib import Path
 
 from confluent_kafka.admin import AdminClient
 
-from billing_dagster.local_infra.process import InfraError, free_port, spawn, stop_process, wait_until
+from billing_dagster.local_infra.process import (
+    InfraError,
+    free_port,
+    spawn,
+    stop_process,
+    wait_until,
+)
 
 
 def tansu_binary() -> str:
@@ -42,8 +48,16 @@ class TansuBroker:
     def start(self, timeout_s: float = 30.0) -> TansuBroker:
         url = f"tcp://127.0.0.1:{self.port}"
         self.process = spawn(
-            [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
-             "--storage-engine", "memory://tansu/"],
+            [
+                tansu_binary(),
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+                "--storage-engine",
+                "memory://tansu/",
+            ],
             log=self.log,
         )
         admin = AdminClient({"bootstrap.servers": self.bootstrap_servers})

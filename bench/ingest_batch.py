@@ -1,0 +1,87 @@
+"""One micro-batch, measured: N synthetic events already in Kafka -> raw/ + quarantine/.
+
+Starts its own Apache Kafka (KRaft) unless --bootstrap is given, and prints:
+  - decode only (Polars, in memory)
+  - Kafka range read (assign + consume, into a frame)
+  - the whole ingest_offsets call (read + decode + Delta appends + offset commit)
+
+    .venv/bin/python bench/ingest_batch.py --events 1000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from contextlib import nullcontext
+from datetime import UTC, datetime
+
+from billing_dagster.decoding import decode_json_records
+from billing_dagster.delta_lake import LakeLocation
+from billing_dagster.ingest import ingest_offsets
+from billing_dagster.kafka_io import KafkaClient, KafkaSettings, ensure_topic
+from billing_dagster.local_infra.kafka import ApacheKafka
+from billing_dagster.offsets import OffsetRange
+from billing_dagster.producer import make_producer, produce_records
+from billing_dagster.synthetic import SyntheticBillingStream
+
+
+def machine() -> str:
+    with open("/proc/cpuinfo") as info:
+        cpu = next(
+            (line.split(":", 1)[1].strip() for line in info if "model name" in line),
+            platform.processor(),
+        )
+    return f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--bootstrap", help="use this broker instead of starting Kafka")
+    args = parser.parse_args()
+
+    print(f"machine: {machine()}")
+    broker = nullcontext() if args.bootstrap else ApacheKafka(heap="2g")
+    with broker as kafka:
+        bootstrap = args.bootstrap or kafka.bootstrap_servers
+        topic = f"bench-{int(time.time())}"
+        ensure_topic(bootstrap, topic, partitions=24)
+        records = list(SyntheticBillingStream(seed=1).records(args.events))
+        started = time.perf_counter()
+        produce_records(make_producer(bootstrap), topic, records)
+        print(f"produce: {args.events / (time.perf_counter() - started):,.0f} events/s (setup)")
+
+        with KafkaClient(KafkaSettings(bootstrap, consumer_group=f"{topic}-read")) as client:
+            ranges = [OffsetRange(p, 0, end) for p, end in client.end_offsets(topic).items()]
+            started = time.perf_counter()
+            frame, _ = client.read(topic, ranges)
+            read_s = time.perf_counter() - started
+        print(f"kafka range read: {frame.height / read_s:,.0f} events/s ({read_s:.2f} s)")
+
+        started = time.perf_counter()
+        decoded = decode_json_records(frame, run_id="bench", now=datetime.now(UTC))
+        decode_s = time.perf_counter() - started
+        print(
+            f"decode+contract rules: {frame.height / decode_s:,.0f} events/s ({decode_s:.2f} s; "
+            f"{decoded.quarantine.height} quarantined)"
+        )
+
+        with (
+            tempfile.TemporaryDirectory() as lake_dir,
+            KafkaClient(KafkaSettings(bootstrap, consumer_group=f"{topic}-ingest")) as client,
+        ):
+            started = time.perf_counter()
+            report = ingest_offsets(client, LakeLocation(lake_dir), topic, ranges, run_id="b")
+            total_s = time.perf_counter() - started
+        print(
+            f"ingest_offsets (read+decode+Delta+commit): {report.records_read / total_s:,.0f} "
+            f"events/s ({total_s:.2f} s; {report.events_written} events, "
+            f"{report.quarantined_written} quarantined)"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""User mistakes give one clear line naming the setting, and exit code 2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from billing_dagster.settings import ConfigError, load_settings
+
+
+@pytest.mark.parametrize(
+    ("env", "names"),
+    [
+        ({"BILLING_SENSOR_INTERVAL_SECONDS": "soon"}, "BILLING_SENSOR_INTERVAL_SECONDS"),
+        ({"BILLING_MAX_RECORDS_PER_RUN": "0"}, "BILLING_MAX_RECORDS_PER_RUN"),
+        ({"BILLING_KAFKA_BOOTSTRAP_SERVERS": "localhost"}, "BILLING_KAFKA_BOOTSTRAP_SERVERS"),
+        ({"BILLING_LAKE_ROOT": "gs://bucket/lake"}, "BILLING_LAKE_ROOT"),
+        ({"BILLING_S3_ALLOW_HTTP": "maybe"}, "BILLING_S3_ALLOW_HTTP"),
+        ({"BILLING_START_FROM": "middle"}, "BILLING_START_FROM"),
+        ({"BILLING_PARTITIONS_START": "2024/01/01"}, "BILLING_PARTITIONS_START"),
+    ],
+)
+def test_bad_setting_is_named(env, names):
+    with pytest.raises(ConfigError, match=names):
+        load_settings(env)
+
+
+def test_defaults_need_no_configuration(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings({})
+    assert settings.kafka_bootstrap_servers == "127.0.0.1:9092"
+    assert settings.topic == "billing-events"
+    assert settings.lake_root == str(tmp_path / ".lake")
+    assert settings.sensor_interval_s == 5
+
+
+def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "billing_dagster.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=60,
+    )
+
+
+def test_cli_reports_bad_config_in_one_line():
+    result = run_cli("produce", "--count", "1", BILLING_KAFKA_BOOTSTRAP_SERVERS="nope")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: BILLING_KAFKA_BOOTSTRAP_SERVERS must be host:port[,host:port...], got 'nope'"
+    ]
+
+
+def test_cli_reports_unreachable_broker_in_one_line(kafka):
+    from billing_dagster.local_infra.process import free_port
+
+    result = run_cli(
+        "produce",
+        "--count",
+        "1",
+        BILLING_KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{free_port()}",
+        BILLING_KAFKA_TIMEOUT_SECONDS="3",
+    )
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "cannot reach Kafka" in errors[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_produces_to_real_kafka(kafka, topic):
+    result = run_cli(
+        "produce",
+        "--count",
+        "400",
+        "--rate",
+        "4000",
+        BILLING_KAFKA_BOOTSTRAP_SERVERS=kafka.bootstrap_servers,
+        BILLING_TOPIC=topic,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "produced 400 records" in result.stdout
+    from billing_dagster.kafka_io import KafkaClient, KafkaSettings
+
+    with KafkaClient(KafkaSettings(kafka.bootstrap_servers)) as client:
+        ends = client.end_offsets(topic)
+    assert sum(ends.values()) == 400
+    assert sum(1 for e in ends.values() if e) > 12  # keyed by customer over 24 partitions
