@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,15 @@ from billing_dagster.local_infra.s3 import ACCESS_KEY, REGION, SECRET_KEY, MotoS
 from billing_dagster.producer import make_producer, produce_records
 from billing_dagster.settings import load_settings
 from billing_dagster.synthetic import GeneratedRecord
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+# CI or a user stopping the run with SIGTERM still gets every server stopped: pytest runs
+# fixture teardown on KeyboardInterrupt.
+signal.signal(signal.SIGTERM, _interrupt)
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -73,6 +75,13 @@ def stop_process(process: subprocess.Popen | None, timeout_s: float = 20.0) -> N
         process.wait(timeout=timeout_s)
 
 
+def _die_with_parent() -> None:
+    # Linux PR_SET_PDEATHSIG: the server gets SIGTERM if whoever started it dies, even by
+    # SIGKILL, so an interrupted test run or demo never leaves a broker behind.
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGTERM)
+
+
 def spawn(command: list[str], *, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start a server in its own process group, so stopping it stops its children too."""
     handle = log.open("ab")
@@ -83,4 +92,5 @@ def spawn(command: list[str], *, log: Path, env: dict[str, str] | None = None) -
         stdin=subprocess.DEVNULL,
         env=env,
         start_new_session=True,
+        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
     )
