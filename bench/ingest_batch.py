@@ -40,16 +40,19 @@ def machine() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--invalid-rate", type=float, default=0.005)
     parser.add_argument("--bootstrap", help="use this broker instead of starting Kafka")
     args = parser.parse_args()
 
     print(f"machine: {machine()}")
+    print(f"events: {args.events:,}, invalid rate {args.invalid_rate:.2%}, 24 partitions")
     broker = nullcontext() if args.bootstrap else ApacheKafka(heap="2g")
     with broker as kafka:
         bootstrap = args.bootstrap or kafka.bootstrap_servers
         topic = f"bench-{int(time.time())}"
         ensure_topic(bootstrap, topic, partitions=24)
-        records = list(SyntheticBillingStream(seed=1).records(args.events))
+        stream = SyntheticBillingStream(seed=1, invalid_rate=args.invalid_rate)
+        records = list(stream.records(args.events))
         started = time.perf_counter()
         produce_records(make_producer(bootstrap), topic, records)
         print(f"produce: {args.events / (time.perf_counter() - started):,.0f} events/s (setup)")

@@ -149,3 +149,17 @@ def test_every_synthetic_invalid_value_is_quarantined():
     assert batch.events.height == 0
     assert batch.quarantine.height == len(INVALID_VALUES)
     assert batch.quarantine["reason"].null_count() == 0
+
+
+def test_non_json_constants_are_quarantined_among_good_records():
+    good = SyntheticBillingStream(seed=5, invalid_rate=0, duplicate_rate=0)
+    values = [r.value for r in good.records(300)]
+    values[17] = b'{"event_id":"n","customer_id":1,"transaction_type":"PAYMENT","amount":NaN}'
+    values[250] = b'{"event_id":"i","customer_id":1,"transaction_type":"PAYMENT","amount":Infinity}'
+    batch = decode(values)
+    assert batch.events.height == 298
+    assert batch.quarantine["kafka_offset"].to_list() == [117, 350]
+    assert batch.quarantine["reason"].to_list() == [
+        "value is not valid JSON (NaN is not a JSON value)",
+        "value is not valid JSON (Infinity is not a JSON value)",
+    ]
