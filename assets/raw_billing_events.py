@@ -2,7 +2,13 @@ import dagster as dg
 
 from billing_dagster.contract import RAW_TABLE
 from billing_dagster.ingest import IngestReport, ingest_offsets
-from billing_dagster.offsets import OffsetRange, parse_hour_key, ranges_for_hour, ranges_to_json
+from billing_dagster.offsets import (
+    OffsetRange,
+    parse_hour_key,
+    ranges_for_hour,
+    ranges_to_json,
+    ranges_to_text,
+)
 from resources import DeltaLakeResource, KafkaResource
 
 
@@ -29,13 +35,10 @@ def report_metadata(report: IngestReport) -> dict[str, object]:
         "quarantined": report.quarantined_written,
         "quarantined_already_committed": report.quarantined_already_committed,
         "requested_ranges_already_committed": len(report.plan.already_committed),
-        "offset_ranges_read": dg.MetadataValue.json(
-            [[r.partition, r.start, r.end] for r in report.plan.reads]
-        ),
+        # Compact "partition:start-end" text reads better in the UI than nested JSON lists.
+        "offset_ranges_read": ranges_to_text(report.plan.reads),
         "gaps_covered": ranges_to_json(report.plan.gaps_covered),
-        "processed_up_to": dg.MetadataValue.json(
-            {str(p): o for p, o in sorted(report.processed_up_to.items())}
-        ),
+        "processed_up_to": " ".join(f"{p}:{o}" for p, o in sorted(report.processed_up_to.items())),
         "raw_table_version": report.raw_table_version
         if report.raw_table_version is not None
         else -1,

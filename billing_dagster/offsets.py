@@ -160,6 +160,10 @@ def plan_reads(requested: Iterable[OffsetRange], committed: Mapping[int, int | N
     return ReadPlan(tuple(reads), tuple(done), tuple(gaps))
 
 
+def ranges_to_text(ranges: Iterable[OffsetRange]) -> str:
+    return " ".join(f"{r.partition}:{r.start}-{r.end}" for r in ranges)
+
+
 def ranges_to_json(ranges: Iterable[OffsetRange]) -> str:
     return json.dumps([[r.partition, r.start, r.end] for r in ranges])
 

@@ -96,6 +96,10 @@ def test_new_events_flow_to_delta_exactly_once_with_exact_money(pipeline: Pipeli
     metadata = result.asset_materializations_for_node("raw_billing_events")[0].metadata
     assert metadata["records_read"].value == len(records)
     assert metadata["events_written"].value + metadata["quarantined"].value == len(records)
+    assert metadata["offset_ranges_read"].value == " ".join(
+        f"{r['partition']}:{r['start']}-{r['end']}"
+        for r in sorted(ranges, key=lambda r: r["partition"])
+    )
 
     # Processed offsets are visible to ordinary Kafka tools through the consumer group.
     with pipeline.client() as client:
