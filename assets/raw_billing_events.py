@@ -2,8 +2,10 @@ import dagster as dg
 
 from billing_dagster.contract import RAW_TABLE
 from billing_dagster.ingest import IngestReport, ingest_offsets
+from billing_dagster.kafka_io import OffsetsLostError
 from billing_dagster.offsets import (
     OffsetRange,
+    TopicResetError,
     parse_hour_key,
     ranges_for_hour,
     ranges_to_json,
@@ -81,9 +83,13 @@ def build_raw_billing_events(partitions_def: dg.PartitionsDefinition) -> dg.Asse
                     )
                 )
                 context.log.info(f"log hour {context.partition_key} is offsets {ranges}")
-            report = ingest_offsets(
-                client, lake.location(), topic, ranges, run_id=context.run.run_id
-            )
+            try:
+                report = ingest_offsets(
+                    client, lake.location(), topic, ranges, run_id=context.run.run_id
+                )
+            except (TopicResetError, OffsetsLostError) as exc:
+                # Retrying cannot fix these; fail at once with the operator's message.
+                raise dg.Failure(str(exc), allow_retries=False) from exc
         if report.plan.gaps_covered:
             context.log.warning(
                 "covered offsets an earlier run left uncommitted: "

@@ -100,7 +100,7 @@ def append_exactly_once(
         fresh.to_arrow(),
         mode="append",
         partition_by=list(partition_by) if table is None else None,
-        storage_options=lake.storage_options or None if table is None else None,
+        storage_options=(lake.storage_options or None) if table is None else None,
         commit_properties=properties,
     )
     version = DeltaTable(

@@ -115,7 +115,8 @@ def record_origins(lake: LakeLocation, topic: str, origins: dict[int, int]) -> N
     if not origins:
         return
     table = lake.open(RAW_TABLE)
-    unseen = {p: o for p, o in origins.items() if committed_offsets(table, topic, [p])[p] is None}
+    committed = committed_offsets(table, topic, list(origins))
+    unseen = {p: o for p, o in origins.items() if committed[p] is None}
     append_exactly_once(
         lake,
         RAW_TABLE,

@@ -40,6 +40,10 @@ class KafkaReadError(RuntimeError):
     """Offsets that were asked for could not be read."""
 
 
+class OffsetsLostError(KafkaReadError):
+    """Offsets were deleted by retention before they were processed; retrying cannot help."""
+
+
 @dataclass(frozen=True)
 class KafkaSettings:
     bootstrap_servers: str
@@ -171,7 +175,7 @@ class KafkaClient:
                                 self._finish(topic, partition, pending)
                             continue
                         if error.code() == KafkaError._AUTO_OFFSET_RESET:
-                            raise KafkaReadError(
+                            raise OffsetsLostError(
                                 f"offsets of {topic}/{partition} from {reached.get(partition)} "
                                 "are no longer in Kafka (deleted by retention before they were "
                                 "processed); replay them from their source"

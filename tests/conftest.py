@@ -12,7 +12,6 @@ import pytest
 from assets.partitions import log_hour_partitions
 from assets.raw_billing_events import build_raw_billing_events
 from billing_dagster.definitions import build_definitions, build_resources
-from billing_dagster.delta_lake import LakeLocation
 from billing_dagster.kafka_io import KafkaClient, KafkaSettings, ensure_topic
 from billing_dagster.local_infra.kafka import ApacheKafka
 from billing_dagster.local_infra.postgres import LocalPostgres
@@ -119,6 +118,3 @@ def s3_pipeline(kafka: ApacheKafka, topic: str, s3: MotoS3) -> Pipeline:
             AWS_SECRET_ACCESS_KEY=SECRET_KEY,
         )
     )
-
-
-__all__ = ["LakeLocation", "Pipeline"]

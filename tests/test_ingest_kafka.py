@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -10,10 +11,12 @@ from decimal import Decimal
 import dagster as dg
 import polars as pl
 import pytest
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient
 
 from billing_dagster.contract import QUARANTINE_TABLE, RAW_TABLE
 from billing_dagster.delta_lake import read_table
-from billing_dagster.kafka_io import KafkaClient
+from billing_dagster.kafka_io import KafkaClient, ensure_topic
 from billing_dagster.offsets import TopicResetError, hour_key
 from billing_dagster.synthetic import SyntheticBillingStream
 from resources import KafkaResource
@@ -245,35 +248,37 @@ def test_materializing_an_hour_from_the_ui_takes_that_hours_offsets(pipeline: Pi
     assert requests == []
 
 
-def test_lake_ahead_of_topic_stops_with_a_clear_error(pipeline: Pipeline, kafka, topic, lake_root):
-    from billing_dagster.kafka_io import ensure_topic
+def recreate_topic(bootstrap_servers: str, topic: str) -> None:
+    admin = AdminClient({"bootstrap.servers": bootstrap_servers})
+    admin.delete_topics([topic])[topic].result(timeout=30)
+    deadline = time.monotonic() + 60
+    while True:  # deletion completes asynchronously; creation fails until it has
+        try:
+            if ensure_topic(bootstrap_servers, topic, partitions=24):
+                return
+        except KafkaException:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"could not recreate {topic}")
+        time.sleep(0.5)
 
-    from .conftest import Pipeline as Fresh
-    from .conftest import pipeline_env
 
+def test_recreated_topic_behind_the_lake_is_refused(pipeline: Pipeline, kafka):
     instance = dg.DagsterInstance.ephemeral()
     pipeline.produce(generated(seed=20, count=300))
     (request,), _, _ = evaluate_sensor(pipeline, instance, None)
     assert materialize(pipeline, request, instance).success
 
-    # Same lake, a brand-new (empty) topic of another name standing in for a recreated one.
-    other = f"{topic}-recreated"
-    ensure_topic(kafka.bootstrap_servers, other, partitions=24)
-    recreated = Fresh(pipeline_env(kafka, other, lake_root))
-    from billing_dagster.delta_lake import append_exactly_once, committed_offsets
-
-    raw = pipeline.lake.open(RAW_TABLE)
-    marks = committed_offsets(raw, topic, list(range(24)))
-    append_exactly_once(
-        pipeline.lake,
-        RAW_TABLE,
-        lake_rows(pipeline).clear(),
-        topic=other,
-        processed_up_to={p: m for p, m in marks.items() if m},
-        partition_by=(),
-    )
+    recreate_topic(kafka.bootstrap_servers, pipeline.settings.topic)
+    pipeline.produce(generated(seed=21, count=50))
+    # New records at old offsets would look processed: the sensor and the run both refuse.
     with pytest.raises(TopicResetError, match="recreated"):
-        evaluate_sensor(recreated, instance, None)
+        evaluate_sensor(pipeline, instance, None)
+    rerun = materialize(pipeline, request, instance)
+    assert not rerun.success
+    assert "recreated" in str(rerun.get_step_failure_events()[0].event_specific_data.error)
+    # Retrying cannot fix a recreated topic, so the step fails at once.
+    assert "STEP_UP_FOR_RETRY" not in [e.event_type_value for e in rerun.all_events]
 
 
 def test_s3_lake_on_moto_gets_the_same_exactly_once_rows(s3_pipeline: Pipeline):

@@ -10,15 +10,13 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from confluent_kafka.admin import AdminClient
-
 from billing_dagster.local_infra.process import (
     REPO_ROOT,
     InfraError,
     free_port,
     spawn,
     stop_process,
-    wait_until,
+    wait_for_broker,
 )
 
 KAFKA_DEV_DIR = REPO_ROOT / "dev" / "kafka"
@@ -120,16 +118,12 @@ class ApacheKafka:
                 f"formatting Kafka storage failed:\n{formatted.stdout}{formatted.stderr}"
             )
         self.process = spawn([*jvm, "kafka.Kafka", str(config)], log=self.log)
-        admin = AdminClient({"bootstrap.servers": self.bootstrap_servers})
-        wait_until(
-            lambda: (
-                admin.list_topics(timeout=2).brokers is not None
-                and len(admin.list_topics(timeout=2).brokers) > 0
-            ),
-            what=f"Kafka on {self.bootstrap_servers}",
-            timeout_s=timeout_s,
+        wait_for_broker(
+            self.bootstrap_servers,
+            what="Kafka",
             process=self.process,
             log=self.log,
+            timeout_s=timeout_s,
         )
         return self
 

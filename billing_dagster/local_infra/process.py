@@ -94,3 +94,24 @@ def spawn(command: list[str], *, log: Path, env: dict[str, str] | None = None) -
         start_new_session=True,
         preexec_fn=_die_with_parent if sys.platform == "linux" else None,
     )
+
+
+def wait_for_broker(
+    bootstrap_servers: str,
+    *,
+    what: str,
+    process: subprocess.Popen,
+    log: Path,
+    timeout_s: float,
+) -> None:
+    """Wait until a Kafka-protocol broker answers a metadata request with itself."""
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap_servers})
+    wait_until(
+        lambda: len(admin.list_topics(timeout=2).brokers) > 0,
+        what=f"{what} on {bootstrap_servers}",
+        timeout_s=timeout_s,
+        process=process,
+        log=log,
+    )

@@ -11,14 +11,12 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from confluent_kafka.admin import AdminClient
-
 from billing_dagster.local_infra.process import (
     InfraError,
     free_port,
     spawn,
     stop_process,
-    wait_until,
+    wait_for_broker,
 )
 
 
@@ -60,13 +58,12 @@ class TansuBroker:
             ],
             log=self.log,
         )
-        admin = AdminClient({"bootstrap.servers": self.bootstrap_servers})
-        wait_until(
-            lambda: len(admin.list_topics(timeout=2).brokers) > 0,
-            what=f"Tansu on {self.bootstrap_servers}",
-            timeout_s=timeout_s,
+        wait_for_broker(
+            self.bootstrap_servers,
+            what="Tansu",
             process=self.process,
             log=self.log,
+            timeout_s=timeout_s,
         )
         return self
 
