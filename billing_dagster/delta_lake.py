@@ -95,17 +95,20 @@ def append_exactly_once(
     properties = CommitProperties(
         app_transactions=[Transaction(app_id(topic, p), o) for p, o in sorted(advance.items())]
     )
-    write_deltalake(
-        table if table is not None else lake.table_uri(name),
-        fresh.to_arrow(),
-        mode="append",
-        partition_by=list(partition_by) if table is None else None,
-        storage_options=(lake.storage_options or None) if table is None else None,
-        commit_properties=properties,
-    )
-    version = DeltaTable(
-        lake.table_uri(name), storage_options=lake.storage_options or None
-    ).version()
+    if table is not None:
+        # Writing through the snapshot object moves it to the new version in place.
+        write_deltalake(table, fresh.to_arrow(), mode="append", commit_properties=properties)
+        version = table.version()
+    else:
+        write_deltalake(
+            lake.table_uri(name),
+            fresh.to_arrow(),
+            mode="append",
+            partition_by=list(partition_by),
+            storage_options=lake.storage_options or None,
+            commit_properties=properties,
+        )
+        version = lake.open(name).version()
     return AppendResult(fresh.height, rows.height - fresh.height, version)
 
 

@@ -119,7 +119,7 @@ class KafkaClient:
                         continue
                     raise KafkaUnavailableError(
                         f"cannot read offsets of {topic}/{partition} from "
-                        f"{self.settings.bootstrap_servers}: {exc.args[0]}"
+                        f"{self.settings.bootstrap_servers}: {error}"
                     ) from exc
         return result
 

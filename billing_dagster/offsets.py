@@ -250,12 +250,13 @@ def plan_sensor_tick(
             if mark is not None and mark < starts.get(partition, mark):
                 starts[partition] = mark
                 recovering = True
+    requested = {p: max(starts[p], ends[p]) for p in ends}
     pending = {p: e for p, e in ends.items() if e > starts[p]}
     if not pending:
-        return TickPlan((), {p: max(starts[p], ends[p]) for p in ends}, recovering, origins)
+        return TickPlan((), requested, recovering, origins)
     batches = [
         chunk
         for batch in split_by_log_hour(topic, starts, pending, now, offset_lookup)
         for chunk in chunk_batch(batch, max_records_per_run)
     ]
-    return TickPlan(tuple(batches), {p: max(starts[p], ends[p]) for p in ends}, recovering, origins)
+    return TickPlan(tuple(batches), requested, recovering, origins)

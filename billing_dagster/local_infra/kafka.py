@@ -13,6 +13,7 @@ from pathlib import Path
 from billing_dagster.local_infra.process import (
     REPO_ROOT,
     InfraError,
+    LocalServer,
     free_port,
     spawn,
     stop_process,
@@ -30,7 +31,7 @@ def _cluster_id() -> str:
     return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
 
 
-class ApacheKafka:
+class ApacheKafka(LocalServer):
     """`with ApacheKafka() as kafka:` starts a broker; `kafka.bootstrap_servers` reaches it."""
 
     kind = "kafka"
@@ -132,9 +133,3 @@ class ApacheKafka:
         self.process = None
         if self._own_dir:
             shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> ApacheKafka:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

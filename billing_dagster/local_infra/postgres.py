@@ -14,7 +14,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from billing_dagster.local_infra.process import InfraError, free_port, tail, wait_until
+from billing_dagster.local_infra.process import InfraError, LocalServer, free_port, tail, wait_until
 
 
 def postgres_bindir() -> Path:
@@ -30,7 +30,7 @@ def postgres_bindir() -> Path:
     return Path(candidates[-1]).parent
 
 
-class LocalPostgres:
+class LocalPostgres(LocalServer):
     """`with LocalPostgres() as pg:` gives `pg.url` for a fresh `billing` database."""
 
     def __init__(self, *, database: str = "billing", user: str = "billing") -> None:
@@ -114,9 +114,3 @@ class LocalPostgres:
                 self._run("pg_ctl", "-D", str(self.datadir), "-m", "immediate", "-w", "stop")
             self._started = False
         shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> LocalPostgres:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

@@ -9,12 +9,29 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Self
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class InfraError(RuntimeError):
     """A local server could not be started; the message says what to do."""
+
+
+class LocalServer:
+    """A server that `with` starts and stops; subclasses define start() and stop()."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 def free_port() -> int:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from billing_dagster.local_infra.process import InfraError, free_port
+from billing_dagster.local_infra.process import InfraError, LocalServer, free_port
 
 ACCESS_KEY = "testing"
 SECRET_KEY = "testing"
 REGION = "us-east-1"
 
 
-class MotoS3:
+class MotoS3(LocalServer):
     def __init__(self) -> None:
         self.port = free_port()
         self._server = None
@@ -42,9 +42,3 @@ class MotoS3:
         if self._server is not None:
             self._server.stop()
             self._server = None
-
-    def __enter__(self) -> MotoS3:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

