@@ -7,11 +7,12 @@ from pathlib import Path
 
 import click
 
+from billing_dagster.enrichment import ReferenceDataError
 from billing_dagster.kafka_io import KafkaUnavailableError, ensure_topic
 from billing_dagster.local_infra.process import REPO_ROOT, InfraError
 from billing_dagster.settings import ConfigError, load_settings
 
-USER_ERRORS = (ConfigError, InfraError, KafkaUnavailableError)
+USER_ERRORS = (ConfigError, InfraError, KafkaUnavailableError, ReferenceDataError)
 
 
 class BillingGroup(click.Group):
@@ -135,6 +136,66 @@ def demo(port, broker, rate, state_dir, for_seconds) -> None:
             echo=click.echo,
         )
     )
+
+
+@main.group()
+def reference() -> None:
+    """Reference tables the cleaning step enriches from (reference/ in the lake)."""
+
+
+def _lake():
+    from billing_dagster.definitions import build_resources
+
+    return build_resources(load_settings())["lake"].location()
+
+
+@reference.command("load")
+@click.option(
+    "--customers",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help="CSV: customer_id,customer_tier",
+)
+@click.option(
+    "--subscriptions",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help="CSV: subscription_id,customer_id,plan,started_at (ISO-8601)",
+)
+@click.option(
+    "--fx-rates",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help="CSV: rate_date,currency,usd_rate (USD per unit)",
+)
+def reference_load(customers: Path, subscriptions: Path, fx_rates: Path) -> None:
+    """Replace the reference tables with these CSV files (all three, atomically per table)."""
+    from billing_dagster.enrichment import read_reference_csv, write_reference_data
+
+    data = read_reference_csv(customers, subscriptions, fx_rates)
+    versions = write_reference_data(_lake(), data)
+    click.echo(
+        f"loaded {data.customers.height} customers, {data.subscriptions.height} subscriptions, "
+        f"{data.fx_rates.height} FX rates (table versions {versions})"
+    )
+
+
+@reference.command("demo")
+@click.option(
+    "--customers",
+    type=click.IntRange(min=1),
+    default=5_000,
+    show_default=True,
+    help="How many synthetic customers (as `produce` generates).",
+)
+def reference_demo(customers: int) -> None:
+    """Reference data matching `produce`: every synthetic customer, rates for +-30 days."""
+    from billing_dagster.enrichment import write_reference_data
+    from billing_dagster.synthetic import SyntheticBillingStream
+
+    data = SyntheticBillingStream(customers=customers).reference_data()
+    write_reference_data(_lake(), data)
+    click.echo(f"wrote {data.customers.height} customers and {data.fx_rates.height} FX rates")
 
 
 if __name__ == "__main__":

@@ -142,6 +142,79 @@ QUARANTINE_SCHEMA: dict[str, pl.DataType] = {
 }
 QUARANTINE_PARTITIONS: tuple[str, ...] = ("quarantine_date",)
 
+#: Exchange rates: USD per one unit of the currency, eight fraction digits (1 EUR = 1.08345000).
+FX_RATE = pl.Decimal(18, 8)
+
+#: The cleaned stream: one row per accepted event, enriched from the reference tables.
+BILLING_EVENTS_SCHEMA: dict[str, pl.DataType] = {
+    **EVENT_SCHEMA,
+    "customer_tier": pl.String(),
+    "subscription_plan": pl.String(),
+    "usd_rate": FX_RATE,
+    "amount_usd": MONEY,
+    **KAFKA_PROVENANCE_SCHEMA,
+    "ingested_at": pl.Datetime("us", "UTC"),
+    "ingest_run_id": pl.String(),
+    "year": pl.Int32(),
+    "month": pl.Int32(),
+    "day": pl.Int32(),
+    "hour": pl.Int32(),
+}
+
+#: Reference tables the cleaning step enriches from (reference/<name> in the lake).
+CUSTOMERS_SCHEMA: dict[str, pl.DataType] = {
+    "customer_id": pl.Int64(),
+    "customer_tier": pl.String(),
+}
+SUBSCRIPTIONS_SCHEMA: dict[str, pl.DataType] = {
+    "subscription_id": pl.String(),
+    "customer_id": pl.Int64(),
+    "plan": pl.String(),
+    "started_at": pl.Datetime("us", "UTC"),
+}
+FX_RATES_SCHEMA: dict[str, pl.DataType] = {
+    "rate_date": pl.Date(),
+    "currency": pl.String(),
+    "usd_rate": FX_RATE,
+}
+
 #: Lake table names, relative to the lake root (reference layout: raw/...).
 RAW_TABLE = "raw"
 QUARANTINE_TABLE = "quarantine"
+BILLING_EVENTS_TABLE = "billing_events"
+CUSTOMERS_TABLE = "reference/customers"
+SUBSCRIPTIONS_TABLE = "reference/subscriptions"
+FX_RATES_TABLE = "reference/fx_rates"
+
+#: The Avro form of the contract, as registered in the Schema Registry. v2.1.0 is the
+#: reference design's schema plus created_at (the event time the Flink SQL windows on);
+#: v1 is the same without tax_amount. Both decode into the same frame.
+_AVRO_MONEY = {"type": "bytes", "logicalType": "decimal", "precision": 12, "scale": 2}
+AVRO_SCHEMA_V2: dict[str, object] = {
+    "namespace": "com.company.billing.events",
+    "type": "record",
+    "name": "BillingEvent",
+    "version": SCHEMA_VERSION,
+    "fields": [
+        {"name": "event_id", "type": "string"},
+        {"name": "customer_id", "type": "long"},
+        {
+            "name": "transaction_type",
+            "type": {"type": "enum", "name": "TransactionType", "symbols": list(TRANSACTION_TYPES)},
+        },
+        {"name": "amount", "type": _AVRO_MONEY},
+        {"name": "currency", "type": "string", "default": DEFAULT_CURRENCY},
+        {"name": "metadata", "type": ["null", "string"], "default": None},
+        {
+            "name": "created_at",
+            "type": ["null", {"type": "long", "logicalType": "timestamp-millis"}],
+            "default": None,
+        },
+        {"name": "tax_amount", "type": ["null", _AVRO_MONEY], "default": None},
+    ],
+}
+AVRO_SCHEMA_V1: dict[str, object] = {
+    **AVRO_SCHEMA_V2,
+    "version": "1.0.0",
+    "fields": [f for f in AVRO_SCHEMA_V2["fields"] if f["name"] != "tax_amount"],  # type: ignore[union-attr, index]
+}

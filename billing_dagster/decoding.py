@@ -10,9 +10,12 @@ per bad record.
 
 from __future__ import annotations
 
+import enum
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Protocol
 
 import polars as pl
 
@@ -30,6 +33,12 @@ from billing_dagster.contract import (
 from billing_dagster.rules import CONTRACT_RULES, apply_rules, parse_timestamp
 
 
+class SchemaSource(Protocol):
+    """What the Avro decoder needs of a Schema Registry: the schema text for an id."""
+
+    def schema_text(self, schema_id: int) -> str: ...
+
+
 @dataclass(frozen=True)
 class DecodedBatch:
     events: pl.DataFrame
@@ -39,40 +48,63 @@ class DecodedBatch:
     def counts(self) -> dict[str, int]:
         return {"decoded": self.events.height, "quarantined": self.quarantine.height}
 
+    @property
+    def raw_rows(self) -> pl.DataFrame:
+        """The decoded deliveries as the raw/ table stores them."""
+        return self.events.select(list(RAW_EVENT_SCHEMA))
 
-def _json_decode(values: pl.Series) -> pl.Series:
+
+class ValueFormat(enum.StrEnum):
+    """How a topic's record values are encoded (chosen per topic in configuration)."""
+
+    JSON = "json"
+    AVRO = "avro"
+    DEBEZIUM_JSON = "debezium-json"
+
+
+#: Why a record failed before the contract rules could look at it: stage, rule, reason.
+Failure = tuple[str, str, str]
+
+
+def json_decode(values: pl.Series, dtype: pl.DataType = WIRE_STRUCT) -> pl.Series:
     text = values.cast(pl.String)
     # An empty string would be skipped like a blank NDJSON line, shifting every row after it.
     decoded = pl.select(pl.when(text.str.strip_chars() != "").then(text)).to_series()
-    decoded = decoded.str.json_decode(WIRE_STRUCT)
+    decoded = decoded.str.json_decode(dtype)
     if decoded.len() != values.len():
         raise pl.exceptions.ComputeError("decoded row count differs from input")
     return decoded
 
 
-def _screen(value: bytes | None) -> tuple[str, str] | None:
+def screen_json(
+    value: bytes | None, scalar_fields: tuple[str, ...] = WIRE_FIELDS
+) -> Failure | None:
     """Why one record cannot decode, in words an operator can act on; None if it can."""
     if not value:
-        return "empty_value", "record has no value (tombstone or empty message)"
+        return "decode", "empty_value", "record has no value (tombstone or empty message)"
     try:
         text = value.decode("utf-8")
     except UnicodeDecodeError as exc:
-        return "utf8", f"value is not valid UTF-8 ({exc.reason} at byte {exc.start})"
+        return "decode", "utf8", f"value is not valid UTF-8 ({exc.reason} at byte {exc.start})"
     if not text.strip():
-        return "empty_value", "record value is blank"
+        return "decode", "empty_value", "record value is blank"
     try:
         document = json.loads(text, parse_constant=_refuse_constant)
     except ValueError as exc:
         if not isinstance(exc, json.JSONDecodeError):
-            return "json", f"value is not valid JSON ({exc})"
+            return "decode", "json", f"value is not valid JSON ({exc})"
         where = f"line {exc.lineno} column {exc.colno}"
-        return "json", f"value is not valid JSON ({exc.msg} at {where})"
+        return "decode", "json", f"value is not valid JSON ({exc.msg} at {where})"
     if not isinstance(document, dict):
         kind = "null" if document is None else type(document).__name__
-        return "json_object", f"value is a JSON {kind}, expected an object"
-    for name in WIRE_FIELDS:
+        return "decode", "json_object", f"value is a JSON {kind}, expected an object"
+    for name in scalar_fields:
         if isinstance(document.get(name), dict | list):
-            return "field_type", f"field {name} must be a scalar value, got a JSON structure"
+            return (
+                "decode",
+                "field_type",
+                f"field {name} must be a scalar value, got a JSON structure",
+            )
     return None
 
 
@@ -81,29 +113,41 @@ def _refuse_constant(name: str) -> None:
     raise ValueError(f"{name} is not a JSON value")
 
 
-def _diagnose(value: bytes | None) -> tuple[str, str]:
-    return _screen(value) or ("json", "value could not be decoded as a billing event")
-
-
 #: A failing segment is split this many ways; segments this small are screened row by row.
 FANOUT = 64
 LEAF_ROWS = 64
 
 
-def _decode_isolating_failures(
-    values: pl.Series, failures: dict[int, tuple[str, str]]
+@dataclass(frozen=True)
+class BatchDecoder:
+    """A vectorised decoder for a whole segment plus a per-record screen for failures.
+
+    `decode` turns a segment of values into one struct Series or raises a PolarsError;
+    `screen` says why one value cannot decode (None when it can).
+    """
+
+    decode: Callable[[pl.Series], pl.Series]
+    screen: Callable[[bytes | None], Failure | None]
+    dtype: pl.DataType
+    fallback: Failure = ("decode", "json", "value could not be decoded as a billing event")
+
+
+def decode_isolating_failures(
+    values: pl.Series, decoder: BatchDecoder, failures: dict[int, Failure]
 ) -> pl.Series:
+    """Decode `values` in as few vectorised calls as possible; failing rows go to
+    `failures` (by row number) and come back as nulls."""
     try:
-        return _json_decode(values)
+        return decoder.decode(values)
     except pl.exceptions.PolarsError:
         pass
     decoded: list[tuple[pl.Series, pl.Series]] = []  # (row numbers, decoded structs)
     screened_good: list[int] = []
-    _locate_failures(values, 0, decoded, screened_good, failures)
+    _locate_failures(values, 0, decoder, decoded, screened_good, failures)
     if screened_good:
-        decoded.extend(_decode_rows(values, screened_good, failures))
+        decoded.extend(_decode_rows(values, screened_good, decoder, failures))
     if not decoded:
-        return pl.Series(values.name, [None] * values.len(), dtype=WIRE_STRUCT)
+        return pl.Series(values.name, [None] * values.len(), dtype=decoder.dtype)
     placed = pl.DataFrame(
         {
             "_i": pl.concat([rows for rows, _ in decoded]),
@@ -121,20 +165,21 @@ def _decode_isolating_failures(
 def _locate_failures(
     values: pl.Series,
     offset: int,
+    decoder: BatchDecoder,
     decoded: list[tuple[pl.Series, pl.Series]],
     screened_good: list[int],
-    failures: dict[int, tuple[str, str]],
+    failures: dict[int, Failure],
 ) -> None:
     """Keep segments that decode; split failing ones; screen small ones row by row."""
     try:
-        part = _json_decode(values)
+        part = decoder.decode(values)
         decoded.append((_row_numbers(offset, offset + part.len()), part))
         return
     except pl.exceptions.PolarsError:
         pass
     if values.len() <= LEAF_ROWS:
         for index, value in enumerate(values.to_list()):
-            problem = _screen(value)
+            problem = decoder.screen(value)
             if problem is None:
                 screened_good.append(offset + index)
             else:
@@ -145,7 +190,7 @@ def _locate_failures(
     size = max(-(-values.len() // FANOUT), LEAF_ROWS)
     for start in range(0, values.len(), size):
         _locate_failures(
-            values.slice(start, size), offset + start, decoded, screened_good, failures
+            values.slice(start, size), offset + start, decoder, decoded, screened_good, failures
         )
 
 
@@ -154,21 +199,24 @@ def _row_numbers(start: int, stop: int) -> pl.Series:
 
 
 def _decode_rows(
-    values: pl.Series, rows: list[int], failures: dict[int, tuple[str, str]]
+    values: pl.Series, rows: list[int], decoder: BatchDecoder, failures: dict[int, Failure]
 ) -> list[tuple[pl.Series, pl.Series]]:
     """Decode rows the screen passed, all in one call when possible."""
     try:
-        return [(pl.Series(rows, dtype=pl.UInt32), _json_decode(values.gather(rows)))]
+        return [(pl.Series(rows, dtype=pl.UInt32), decoder.decode(values.gather(rows)))]
     except pl.exceptions.PolarsError:
         pass
     # Something the screen did not foresee: one record at a time.
     parts = []
     for row in rows:
         try:
-            parts.append((pl.Series([row], dtype=pl.UInt32), _json_decode(values.slice(row, 1))))
+            parts.append((pl.Series([row], dtype=pl.UInt32), decoder.decode(values.slice(row, 1))))
         except pl.exceptions.PolarsError:
-            failures[row] = _diagnose(values[row])
+            failures[row] = decoder.screen(values[row]) or decoder.fallback
     return parts
+
+
+JSON_DECODER = BatchDecoder(decode=json_decode, screen=screen_json, dtype=WIRE_STRUCT)
 
 
 def _event_columns() -> list[pl.Expr]:
@@ -194,35 +242,87 @@ def _money(column: str) -> pl.Expr:
     return pl.when(text != "").then(text).cast(MONEY).alias(column)
 
 
-def decode_json_records(records: pl.DataFrame, *, run_id: str, now: datetime) -> DecodedBatch:
-    """Decode JSON-encoded billing events; every record ends up in exactly one output."""
+def failures_frame(failures: dict[int, Failure]) -> pl.DataFrame:
+    return pl.DataFrame(
+        {
+            "_row": list(failures),
+            "_fail_stage": [stage for stage, _, _ in failures.values()],
+            "_fail_rule": [rule for _, rule, _ in failures.values()],
+            "_fail_reason": [reason for _, _, reason in failures.values()],
+        },
+        schema=FAILURE_SCHEMA,
+    )
+
+
+FAILURE_SCHEMA = {
+    "_row": pl.UInt32,
+    "_fail_stage": pl.String,
+    "_fail_rule": pl.String,
+    "_fail_reason": pl.String,
+}
+
+
+def decode_json_wire(
+    records: pl.DataFrame,
+) -> tuple[pl.Series, pl.DataFrame]:
+    """The plain JSON contract encoding: one JSON object per record value."""
+    failures: dict[int, Failure] = {}
+    wire = decode_isolating_failures(records["value"], JSON_DECODER, failures)
+    # A JSON null (or an empty record) decodes without error to a null struct.
+    for index in wire.is_null().arg_true().to_list():
+        failures.setdefault(index, screen_json(records["value"][index]) or JSON_DECODER.fallback)
+    return wire, failures_frame(failures)
+
+
+def decode_records(
+    records: pl.DataFrame,
+    *,
+    value_format: ValueFormat | str = ValueFormat.JSON,
+    registry: SchemaSource | None = None,
+    run_id: str,
+    now: datetime,
+) -> DecodedBatch:
+    """Decode one batch of Kafka records; every record ends up in exactly one output."""
     records = records.select(
         [pl.col(name).cast(dtype) for name, dtype in KAFKA_RECORD_SCHEMA.items()]
     )
-    failures: dict[int, tuple[str, str]] = {}
-    wire = _decode_isolating_failures(records["value"], failures)
+    value_format = ValueFormat(value_format)
+    if value_format is ValueFormat.AVRO:
+        if registry is None:
+            raise ValueError("Avro topics need a schema registry")
+        from billing_dagster.avro_format import decode_avro_wire
 
-    # A JSON null (or an empty record) decodes without error to a null struct.
-    for index in wire.is_null().arg_true().to_list():
-        failures.setdefault(index, _diagnose(records["value"][index]))
+        wire, failed = decode_avro_wire(records, registry)
+    elif value_format is ValueFormat.DEBEZIUM_JSON:
+        from billing_dagster.debezium import decode_debezium_wire
 
-    failure_frame = pl.DataFrame(
-        {
-            "_row": list(failures),
-            "_fail_rule": [rule for rule, _ in failures.values()],
-            "_fail_reason": [reason for _, reason in failures.values()],
-        },
-        schema={"_row": pl.UInt32, "_fail_rule": pl.String, "_fail_reason": pl.String},
-    )
+        wire, failed = decode_debezium_wire(records)
+    else:
+        wire, failed = decode_json_wire(records)
+    return finish_decoding(records, wire, failed, run_id=run_id, now=now)
+
+
+def decode_json_records(records: pl.DataFrame, *, run_id: str, now: datetime) -> DecodedBatch:
+    return decode_records(records, value_format=ValueFormat.JSON, run_id=run_id, now=now)
+
+
+def finish_decoding(
+    records: pl.DataFrame,
+    wire: pl.Series,
+    failed: pl.DataFrame,
+    *,
+    run_id: str,
+    now: datetime,
+) -> DecodedBatch:
+    """Contract rules over the wire text, then typed events and quarantine rows."""
     checked = apply_rules(
         records.with_row_index("_row").with_columns(wire.alias("_wire")).unnest("_wire"),
         CONTRACT_RULES,
-    ).join(failure_frame, on="_row", how="left")
+    ).join(failed, on="_row", how="left")
+    failed_early = pl.col("_fail_rule").is_not_null()
     checked = checked.with_columns(
-        stage=pl.when(pl.col("_fail_rule").is_not_null())
-        .then(pl.lit("decode"))
-        .otherwise(pl.lit("contract")),
-        rules=pl.when(pl.col("_fail_rule").is_not_null())
+        stage=pl.when(failed_early).then(pl.col("_fail_stage")).otherwise(pl.lit("contract")),
+        rules=pl.when(failed_early)
         .then(pl.concat_list(pl.col("_fail_rule")))
         .otherwise(pl.col("rules")),
         reason=pl.coalesce("_fail_reason", "reason"),
@@ -231,7 +331,7 @@ def decode_json_records(records: pl.DataFrame, *, run_id: str, now: datetime) ->
     good = checked.filter(pl.col("rules").list.len() == 0)
 
     events = (
-        good.select(*KAFKA_PROVENANCE_SCHEMA, *_event_columns())
+        good.select(*KAFKA_PROVENANCE_SCHEMA, *_event_columns(), "value")
         .with_columns(
             ingested_at=pl.lit(now, dtype=pl.Datetime("us", "UTC")),
             ingest_run_id=pl.lit(run_id),
@@ -240,11 +340,24 @@ def decode_json_records(records: pl.DataFrame, *, run_id: str, now: datetime) ->
                 for name in EVENT_HOUR_PARTITIONS
             },
         )
-        .select([pl.col(name).cast(dtype) for name, dtype in RAW_EVENT_SCHEMA.items()])
+        .select(
+            *[pl.col(name).cast(dtype) for name, dtype in RAW_EVENT_SCHEMA.items()],
+            pl.col("value").alias(RAW_VALUE),
+        )
     )
-    quarantine = bad.select(
+    quarantine = quarantine_rows(bad.rename({"value": RAW_VALUE}), run_id=run_id, now=now)
+    return DecodedBatch(events=events, quarantine=quarantine)
+
+
+#: The undecoded payload, kept beside decoded events so later rules can quarantine it.
+RAW_VALUE = "raw_value"
+
+
+def quarantine_rows(rows: pl.DataFrame, *, run_id: str, now: datetime) -> pl.DataFrame:
+    """Quarantine table rows from frames with provenance, raw_value, stage, rules, reason."""
+    return rows.select(
         *KAFKA_PROVENANCE_SCHEMA,
-        pl.col("value").alias("raw_value"),
+        RAW_VALUE,
         "stage",
         "rules",
         "reason",
@@ -252,4 +365,3 @@ def decode_json_records(records: pl.DataFrame, *, run_id: str, now: datetime) ->
         pl.lit(run_id).alias("ingest_run_id"),
         pl.lit(now.date().isoformat()).alias("quarantine_date"),
     ).select([pl.col(name).cast(dtype) for name, dtype in QUARANTINE_SCHEMA.items()])
-    return DecodedBatch(events=events, quarantine=quarantine)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import dagster as dg
 
+from assets.ingest import INGEST_OP, build_ingest_assets
 from assets.partitions import log_hour_partitions
-from assets.raw_billing_events import build_raw_billing_events
 from billing_dagster.settings import Settings, load_settings
-from resources import DeltaLakeResource, KafkaResource
+from resources import BillingRulesResource, DeltaLakeResource, KafkaResource
 from sensors.kafka_offsets import build_kafka_offsets_sensor
 
 #: Runs carrying this tag are limited to one at a time by the run queue (dev/dagster.yaml):
@@ -22,6 +22,7 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
             topic=settings.topic,
             consumer_group=settings.consumer_group,
             request_timeout_seconds=settings.kafka_request_timeout_s,
+            topic_formats=settings.topic_formats,
         ),
         "lake": DeltaLakeResource(
             root=settings.lake_root,
@@ -31,29 +32,36 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
             aws_secret_access_key=settings.aws_secret_access_key,
             s3_allow_http=settings.s3_allow_http,
         ),
+        "billing_rules": BillingRulesResource(
+            supported_currencies=list(settings.supported_currencies),
+            max_future_skew_seconds=settings.max_future_skew_s,
+            schema_registry_url=settings.schema_registry_url,
+        ),
     }
 
 
 def build_definitions(settings: Settings) -> dg.Definitions:
     partitions = log_hour_partitions(settings.partitions_start)
-    raw_billing_events = build_raw_billing_events(partitions)
+    ingest_assets = build_ingest_assets(partitions)
     ingest_job = dg.define_asset_job(
         "ingest_billing_events",
-        selection=[raw_billing_events],
+        selection=[ingest_assets],
         tags={INGEST_CONCURRENCY_TAG: "kafka"},
         # One step per run: a separate step process would only add ~2 s of start-up.
         executor_def=dg.in_process_executor,
-        description="One micro-batch: Kafka offsets to the Delta lake, exactly once.",
+        description=(
+            "One micro-batch: Kafka offsets to raw/, billing_events/ and quarantine/, exactly once."
+        ),
     )
     sensor = build_kafka_offsets_sensor(
         ingest_job,
-        asset_name=raw_billing_events.key.path[-1],
+        op_name=INGEST_OP,
         interval_s=settings.sensor_interval_s,
         max_records_per_run=settings.max_records_per_run,
         start_from=settings.start_from,
     )
     return dg.Definitions(
-        assets=[raw_billing_events],
+        assets=[ingest_assets],
         jobs=[ingest_job],
         sensors=[sensor],
         resources=build_resources(settings),

@@ -115,3 +115,10 @@ def append_exactly_once(
 def read_table(lake: LakeLocation, name: str) -> pl.DataFrame:
     """The whole table as a frame (for tests, the CLI and small reference tables)."""
     return pl.read_delta(lake.table_uri(name), storage_options=lake.storage_options or None)
+
+
+def scan_table(lake: LakeLocation, name: str) -> pl.LazyFrame | None:
+    """A lazy scan (partition filters prune files), or None if the table does not exist."""
+    if lake.open(name) is None:
+        return None
+    return pl.scan_delta(lake.table_uri(name), storage_options=lake.storage_options or None)

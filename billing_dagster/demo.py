@@ -14,6 +14,8 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
+from billing_dagster.delta_lake import LakeLocation
+from billing_dagster.enrichment import write_reference_data
 from billing_dagster.kafka_io import ensure_topic
 from billing_dagster.local_infra.kafka import ApacheKafka
 from billing_dagster.local_infra.postgres import LocalPostgres
@@ -65,12 +67,16 @@ def run_demo(
         echo(f"  {postgres.url}")
         ensure_topic(broker.bootstrap_servers, topic, partitions=24)
 
+        stream = SyntheticBillingStream(seed=int(time.time()))
+        # Customers, plans and FX rates the synthetic events are enriched from.
+        write_reference_data(LakeLocation(str(lake_root)), stream.reference_data())
+        echo(f"  reference data for {len(stream.customer_ids)} customers in {lake_root}")
         producer = make_producer(
             broker.bootstrap_servers, single_record_batches=broker.kind == "tansu"
         )
         producing = threading.Thread(
             target=produce_at_rate,
-            args=(producer, topic, SyntheticBillingStream(seed=int(time.time()))),
+            args=(producer, topic, stream),
             kwargs={"rate": rate, "should_stop": stop.is_set},
             daemon=True,
         )

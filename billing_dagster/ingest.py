@@ -1,29 +1,51 @@
-"""One micro-batch: Kafka offsets -> decoded events in raw/ and rejects in quarantine/.
+"""One micro-batch: Kafka offsets -> every delivery in raw/, accepted events in
+billing_events/, rejects in quarantine/.
 
-Order matters for exactly-once: quarantine first, then raw, then the consumer-group
-commit. Each Delta table keeps its own offsets, so a crash between any two steps is
-repaired by the retry without duplicating a row in either table.
+Order matters for exactly-once: quarantine, then billing_events, then raw (whose offsets
+mark a finished batch), then the consumer-group commit. Each Delta table keeps its own
+offsets, so a crash between any two steps is repaired by the retry without duplicating a
+row in any table.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import polars as pl
 
+from billing_dagster.cleaning import PRIOR_COLUMNS, clean_events
 from billing_dagster.contract import (
+    BILLING_EVENTS_SCHEMA,
+    BILLING_EVENTS_TABLE,
     EVENT_HOUR_PARTITIONS,
     QUARANTINE_PARTITIONS,
     QUARANTINE_TABLE,
     RAW_EVENT_SCHEMA,
     RAW_TABLE,
 )
-from billing_dagster.decoding import decode_json_records
-from billing_dagster.delta_lake import LakeLocation, append_exactly_once, committed_offsets
+from billing_dagster.decoding import SchemaSource, ValueFormat, decode_records
+from billing_dagster.delta_lake import (
+    LakeLocation,
+    append_exactly_once,
+    committed_offsets,
+    scan_table,
+)
+from billing_dagster.enrichment import ReferenceData
 from billing_dagster.kafka_io import KafkaClient
 from billing_dagster.offsets import OffsetRange, ReadPlan, check_topic_not_reset, plan_reads
+from billing_dagster.rules import RETURN_TYPES, ValidationPolicy
+
+
+@dataclass(frozen=True)
+class CleaningContext:
+    """How this topic's values are decoded and judged."""
+
+    reference: ReferenceData
+    policy: ValidationPolicy = field(default_factory=ValidationPolicy)
+    value_format: ValueFormat = ValueFormat.JSON
+    registry: SchemaSource | None = None
 
 
 @dataclass(frozen=True)
@@ -32,22 +54,81 @@ class IngestReport:
     plan: ReadPlan
     processed_up_to: dict[int, int]
     records_read: int
-    events_written: int
-    events_already_committed: int
+    accepted_written: int
+    accepted_already_committed: int
+    duplicates: int
     quarantined_written: int
     quarantined_already_committed: int
+    raw_written: int
     raw_table_version: int | None
+    billing_events_version: int | None
     event_hours: tuple[str, ...]
+    quarantined_by_rule: dict[str, int]
+
+    @property
+    def accepted(self) -> int:
+        return self.accepted_written + self.accepted_already_committed
+
+    @property
+    def quarantined(self) -> int:
+        return self.quarantined_written + self.quarantined_already_committed
 
     @property
     def balanced(self) -> bool:
-        """Every record read is accounted for exactly once."""
-        return self.records_read == (
-            self.events_written
-            + self.events_already_committed
-            + self.quarantined_written
-            + self.quarantined_already_committed
+        """Every record read is accepted, a duplicate or quarantined: exactly one of them."""
+        return self.records_read == self.accepted + self.duplicates + self.quarantined
+
+
+def _hour_filter(hours: pl.DataFrame) -> pl.Expr:
+    """A predicate on the year/month/day/hour partition columns (prunes files)."""
+    keys = [tuple(r) for r in hours.select(EVENT_HOUR_PARTITIONS).unique().iter_rows()]
+    if not keys:
+        return pl.lit(False)
+    return pl.any_horizontal(
+        [
+            (pl.col("year") == y)
+            & (pl.col("month") == m)
+            & (pl.col("day") == d)
+            & (pl.col("hour") == h)
+            for y, m, d, h in keys
+        ]
+    )
+
+
+def accepted_before(lake: LakeLocation, events: pl.DataFrame) -> pl.DataFrame:
+    """billing_events rows sharing an event_id with the batch. A redelivery carries the
+    same event, so the same created_at: only the batch's event hours are read."""
+    scan = scan_table(lake, BILLING_EVENTS_TABLE)
+    if scan is None or events.is_empty():
+        return pl.DataFrame(schema={c: BILLING_EVENTS_SCHEMA[c] for c in PRIOR_COLUMNS})
+    return (
+        scan.filter(_hour_filter(events))
+        .filter(pl.col("event_id").is_in(events["event_id"].unique().implode()))
+        .select(PRIOR_COLUMNS)
+        .collect()
+    )
+
+
+def first_payments(lake: LakeLocation, events: pl.DataFrame) -> pl.DataFrame:
+    """Earliest accepted PAYMENT per customer, for customers with a refund or chargeback
+    in the batch."""
+    empty = pl.DataFrame(
+        schema={"customer_id": pl.Int64, "first_payment_at": pl.Datetime("us", "UTC")}
+    )
+    customers = events.filter(pl.col("transaction_type").is_in(RETURN_TYPES))["customer_id"]
+    scan = scan_table(lake, BILLING_EVENTS_TABLE)
+    if scan is None or customers.is_empty():
+        return empty
+    return (
+        scan.filter(
+            (pl.col("transaction_type") == "PAYMENT")
+            & pl.col("customer_id").is_in(customers.unique().implode())
         )
+        .group_by("customer_id")
+        .agg(pl.col("created_at").min().alias("first_payment_at"))
+        .collect()
+        .cast(empty.schema)
+    )
 
 
 def ingest_offsets(
@@ -56,12 +137,15 @@ def ingest_offsets(
     topic: str,
     requested: Sequence[OffsetRange],
     *,
+    cleaning: CleaningContext,
     run_id: str,
     now: datetime | None = None,
 ) -> IngestReport:
     now = now or datetime.now(UTC)
+    # raw/ is written last, so its offsets mark batches that are completely done.
     raw_table = lake.open(RAW_TABLE)
     quarantine_table = lake.open(QUARANTINE_TABLE)
+    events_table = lake.open(BILLING_EVENTS_TABLE)
     partitions = sorted({r.partition for r in requested})
     committed = committed_offsets(raw_table, topic, partitions)
     if any(mark is not None for mark in committed.values()):
@@ -69,21 +153,46 @@ def ingest_offsets(
     plan = plan_reads(requested, committed)
 
     records, processed_up_to = client.read(topic, plan.reads)
-    decoded = decode_json_records(records, run_id=run_id, now=now)
+    decoded = decode_records(
+        records,
+        value_format=cleaning.value_format,
+        registry=cleaning.registry,
+        run_id=run_id,
+        now=now,
+    )
+    cleaned = clean_events(
+        decoded.events,
+        accepted_before=accepted_before(lake, decoded.events),
+        first_payments=first_payments(lake, decoded.events),
+        reference=cleaning.reference,
+        policy=cleaning.policy,
+        run_id=run_id,
+        now=now,
+    )
+    quarantine = pl.concat([decoded.quarantine, cleaned.quarantine])
 
     quarantined = append_exactly_once(
         lake,
         QUARANTINE_TABLE,
-        decoded.quarantine,
+        quarantine,
         topic=topic,
-        processed_up_to=processed_up_to if decoded.quarantine.height else {},
+        processed_up_to=processed_up_to if quarantine.height else {},
         partition_by=QUARANTINE_PARTITIONS,
         table=quarantine_table,
     )
-    written = append_exactly_once(
+    accepted = append_exactly_once(
+        lake,
+        BILLING_EVENTS_TABLE,
+        cleaned.accepted,
+        topic=topic,
+        processed_up_to=processed_up_to if cleaned.accepted.height else {},
+        partition_by=EVENT_HOUR_PARTITIONS,
+        table=events_table,
+    )
+    raw = append_exactly_once(
         lake,
         RAW_TABLE,
-        decoded.events,
+        decoded.raw_rows,
         topic=topic,
         processed_up_to=processed_up_to,
         partition_by=EVENT_HOUR_PARTITIONS,
@@ -92,18 +201,28 @@ def ingest_offsets(
     # Only after the lake holds the batch: ordinary Kafka tools then show true lag.
     client.commit(topic, processed_up_to)
 
-    hours = decoded.events["created_at"].dt.strftime("%Y-%m-%d-%H:00").unique().sort()
+    hours = cleaned.accepted["created_at"].dt.strftime("%Y-%m-%d-%H:00").unique().sort()
+    by_rule = (
+        quarantine.select(pl.col("rules").list.first().alias("rule"))
+        .group_by("rule")
+        .len()
+        .sort("rule")
+    )
     report = IngestReport(
         topic=topic,
         plan=plan,
         processed_up_to=processed_up_to,
         records_read=records.height,
-        events_written=written.rows_written,
-        events_already_committed=written.rows_already_committed,
+        accepted_written=accepted.rows_written,
+        accepted_already_committed=accepted.rows_already_committed,
+        duplicates=cleaned.duplicates.height,
         quarantined_written=quarantined.rows_written,
         quarantined_already_committed=quarantined.rows_already_committed,
-        raw_table_version=written.table_version,
+        raw_written=raw.rows_written,
+        raw_table_version=raw.table_version,
+        billing_events_version=accepted.table_version,
         event_hours=tuple(hours.to_list()),
+        quarantined_by_rule=dict(by_rule.iter_rows()),
     )
     if not report.balanced:
         raise AssertionError(f"record accounting does not balance: {report}")

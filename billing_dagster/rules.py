@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 
 import polars as pl
 
@@ -126,3 +127,132 @@ def apply_rules(frame: pl.DataFrame, rules: Sequence[Rule]) -> pl.DataFrame:
     return frame.with_columns(rules=names, reason=messages.list.join("; ")).with_columns(
         reason=pl.when(pl.col("rules").list.len() > 0).then(pl.col("reason"))
     )
+
+
+# ---- business rules (over typed, enriched events) -----------------------------------
+
+DEFAULT_SUPPORTED_CURRENCIES: tuple[str, ...] = ("USD", "EUR", "GBP", "CAD", "AUD", "JPY", "CHF")
+DEFAULT_MAX_FUTURE_SKEW = timedelta(minutes=15)
+
+#: May carry a negative amount: money going back to the customer (REFUND, CHARGEBACK), and
+#: ADJUSTMENT, which is a correction in either direction (a credit is negative).
+RETURN_TYPES: tuple[str, ...] = ("REFUND", "CHARGEBACK")
+
+
+@dataclass(frozen=True)
+class ValidationPolicy:
+    supported_currencies: tuple[str, ...] = DEFAULT_SUPPORTED_CURRENCIES
+    #: How far created_at may run ahead of the record's Kafka timestamp. Judged against the
+    #: Kafka timestamp, not the clock, so a replay next month decides exactly as today.
+    max_future_skew: timedelta = DEFAULT_MAX_FUTURE_SKEW
+
+
+def _type_is(*names: str) -> pl.Expr:
+    return pl.col("transaction_type").is_in(list(names))
+
+
+def business_rules(policy: ValidationPolicy) -> tuple[Rule, ...]:
+    """Rules on decoded events; `reference:` ones read the enrichment columns."""
+    supported = sorted(set(policy.supported_currencies))
+    skew_seconds = int(policy.max_future_skew.total_seconds())
+    zero = pl.lit(0)
+    return (
+        Rule(
+            name="sign:payment_positive",
+            violated=_type_is("PAYMENT") & (pl.col("amount") <= zero),
+            message=pl.format("PAYMENT amount must be positive, got {}", pl.col("amount")),
+        ),
+        Rule(
+            name="sign:return_negative",
+            violated=_type_is(*RETURN_TYPES) & (pl.col("amount") >= zero),
+            message=pl.format(
+                "{} amount must be negative (money returned to the customer), got {}",
+                pl.col("transaction_type"),
+                pl.col("amount"),
+            ),
+        ),
+        Rule(
+            name="sign:adjustment_nonzero",
+            violated=_type_is("ADJUSTMENT") & (pl.col("amount") == zero),
+            message=pl.lit("ADJUSTMENT amount must not be zero"),
+        ),
+        Rule(
+            name="tax:within_amount",
+            violated=pl.col("tax_amount").is_not_null()
+            & (
+                ((pl.col("tax_amount") < zero) & (pl.col("amount") > zero))
+                | ((pl.col("tax_amount") > zero) & (pl.col("amount") < zero))
+                | (pl.col("tax_amount").abs() > pl.col("amount").abs())
+            ),
+            message=pl.format(
+                "tax_amount {} must have the sign of amount {} and not exceed it",
+                pl.col("tax_amount"),
+                pl.col("amount"),
+            ),
+        ),
+        Rule(
+            name="currency:supported",
+            violated=~pl.col("currency").is_in(supported),
+            message=pl.format(
+                f"unsupported currency {{}} (supported: {', '.join(supported)})",
+                pl.col("currency"),
+            ),
+        ),
+        Rule(
+            name="time:future",
+            violated=pl.col("created_at")
+            > pl.col("kafka_timestamp") + pl.duration(seconds=skew_seconds),
+            message=pl.format(
+                f"created_at {{}} is more than {skew_seconds} s after the record's Kafka "
+                "timestamp {}",
+                pl.col("created_at"),
+                pl.col("kafka_timestamp"),
+            ),
+        ),
+        Rule(
+            name="reference:customer",
+            violated=pl.col("customer_tier").is_null(),
+            message=pl.format("customer {} is not in reference/customers", pl.col("customer_id")),
+        ),
+        Rule(
+            name="reference:subscription",
+            violated=pl.col("customer_tier").is_not_null() & pl.col("subscription_plan").is_null(),
+            message=pl.format(
+                "customer {} has no subscription started at or before {}",
+                pl.col("customer_id"),
+                pl.col("created_at"),
+            ),
+        ),
+        Rule(
+            name="reference:fx_rate",
+            violated=pl.col("currency").is_in(supported) & pl.col("usd_rate").is_null(),
+            message=pl.format(
+                "no USD rate for {} on {} in reference/fx_rates",
+                pl.col("currency"),
+                pl.col("created_at").dt.date(),
+            ),
+        ),
+        Rule(
+            name="decimal_12_2:amount_usd",
+            violated=pl.col("usd_rate").is_not_null() & pl.col("amount_usd").is_null(),
+            message=pl.format(
+                "amount {} {} at rate {} exceeds decimal(12,2) in USD",
+                pl.col("amount"),
+                pl.col("currency"),
+                pl.col("usd_rate"),
+            ),
+        ),
+    )
+
+
+#: Judged after the other rules, because an original payment must itself be acceptable.
+ORIGINAL_PAYMENT_RULE = Rule(
+    name="refund:original_payment",
+    violated=_type_is(*RETURN_TYPES) & ~pl.col("_has_original_payment").fill_null(False),
+    message=pl.format(
+        "{} for customer {} has no accepted PAYMENT at or before {}",
+        pl.col("transaction_type"),
+        pl.col("customer_id"),
+        pl.col("created_at"),
+    ),
+)

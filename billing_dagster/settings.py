@@ -6,6 +6,7 @@ A wrong value stops with one line naming the variable, never a stack trace deep 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -32,6 +33,10 @@ class Settings:
     max_records_per_run: int
     start_from: str
     partitions_start: str
+    topic_formats: dict[str, str]
+    schema_registry_url: str | None
+    supported_currencies: tuple[str, ...]
+    max_future_skew_s: int
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
@@ -105,9 +110,53 @@ def _partitions_start(env: Mapping[str, str], name: str, default: str) -> str:
     return raw
 
 
+VALUE_FORMATS = ("json", "avro", "debezium-json")
+
+
+def _topic_formats(env: Mapping[str, str], name: str, topic: str) -> dict[str, str]:
+    """`topic=format,...`; a bare `format` applies to BILLING_TOPIC."""
+    raw = env.get(name, "").strip()
+    formats: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        key, sep, value = item.rpartition("=")
+        key, value = (key.strip(), value.strip().lower()) if sep else (topic, item.lower())
+        if not key or value not in VALUE_FORMATS:
+            raise ConfigError(
+                f"{name} must be topic=format pairs with format one of "
+                f"{', '.join(VALUE_FORMATS)}, got '{raw}'"
+            )
+        formats[key] = value
+    return formats
+
+
+def _currencies(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    from billing_dagster.rules import CURRENCY_PATTERN, DEFAULT_SUPPORTED_CURRENCIES
+
+    raw = env.get(name, "").strip()
+    if not raw:
+        return DEFAULT_SUPPORTED_CURRENCIES
+    codes = tuple(code.strip().upper() for code in raw.split(",") if code.strip())
+    bad = [c for c in codes if not re.fullmatch(CURRENCY_PATTERN, c)]
+    if bad or not codes:
+        raise ConfigError(
+            f"{name} must be comma-separated ISO 4217 codes like USD,EUR, got '{raw}'"
+        )
+    return codes
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
     topic = env.get("BILLING_TOPIC", "").strip() or "billing-events"
+    formats = _topic_formats(env, "BILLING_TOPIC_FORMATS", topic)
+    registry = env.get("BILLING_SCHEMA_REGISTRY_URL", "").strip() or None
+    if registry and not registry.startswith(("http://", "https://", "mock://")):
+        raise ConfigError(
+            f"BILLING_SCHEMA_REGISTRY_URL must be an http(s):// or mock:// URL, got '{registry}'"
+        )
+    if "avro" in formats.values() and not registry:
+        raise ConfigError(
+            "BILLING_TOPIC_FORMATS names an avro topic, so BILLING_SCHEMA_REGISTRY_URL must be set"
+        )
     return Settings(
         kafka_bootstrap_servers=_bootstrap(
             env, "BILLING_KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"
@@ -125,4 +174,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         max_records_per_run=_int(env, "BILLING_MAX_RECORDS_PER_RUN", 500_000),
         start_from=_choice(env, "BILLING_START_FROM", "earliest", ("earliest", "latest")),
         partitions_start=_partitions_start(env, "BILLING_PARTITIONS_START", "2024-01-01"),
+        topic_formats=formats,
+        schema_registry_url=registry,
+        supported_currencies=_currencies(env, "BILLING_SUPPORTED_CURRENCIES"),
+        max_future_skew_s=_int(env, "BILLING_MAX_FUTURE_SKEW_SECONDS", 900),
     )

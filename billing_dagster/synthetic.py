@@ -64,6 +64,28 @@ class SyntheticBillingStream:
         self.invalid_rate = invalid_rate
         self.v1_rate = v1_rate
         self._recent: list[GeneratedRecord] = []
+        # Refunds and chargebacks go to customers who have paid, as in real billing.
+        self._paying: list[int] = []
+        self._paying_set: set[int] = set()
+
+    @property
+    def customer_ids(self) -> range:
+        return range(1001, 1001 + self.customers)
+
+    def reference_data(self, around: datetime | None = None, days: int = 30):
+        """Reference tables covering every customer of the stream and FX rates for
+        `days` days either side of `around` (default: now)."""
+        from billing_dagster.enrichment import demo_reference_data
+
+        middle = (around or datetime.now(UTC)).date()
+        first_day = middle - timedelta(days=days)
+        return demo_reference_data(
+            self.customer_ids,
+            first_day=first_day,
+            days=2 * days + 1,
+            plans=PLANS,
+            subscribed_since=datetime.combine(first_day, datetime.min.time()),
+        )
 
     def _customer(self) -> int:
         # Pareto-skewed: a few customers generate much of the traffic, as in real billing.
@@ -75,6 +97,9 @@ class SyntheticBillingStream:
 
     def _event(self, now: datetime) -> BillingEvent:
         kind = self.random.choices(list(TYPE_WEIGHTS), weights=list(TYPE_WEIGHTS.values()))[0]
+        returning = kind in (TransactionType.REFUND, TransactionType.CHARGEBACK)
+        if returning and not self._paying:
+            kind, returning = TransactionType.PAYMENT, False
         currency = self.random.choices(
             list(CURRENCY_WEIGHTS), weights=list(CURRENCY_WEIGHTS.values())
         )[0]
@@ -100,9 +125,17 @@ class SyntheticBillingStream:
         lateness = timedelta(seconds=self.random.uniform(0, 2))
         if self.random.random() < 0.01:
             lateness = timedelta(seconds=self.random.uniform(5, 600))
+        if returning:
+            # After the payment it returns: never earlier than any payment so far.
+            customer, lateness = self.random.choice(self._paying), timedelta(0)
+        else:
+            customer = self._customer()
+        if kind is TransactionType.PAYMENT and customer not in self._paying_set:
+            self._paying_set.add(customer)
+            self._paying.append(customer)
         return BillingEvent(
             event_id=str(uuid.UUID(int=self.random.getrandbits(128), version=4)),
-            customer_id=self._customer(),
+            customer_id=customer,
             transaction_type=kind,
             amount=amount,
             created_at=now - lateness,

@@ -2,5 +2,6 @@
 
 from resources.kafka import KafkaResource
 from resources.lake import DeltaLakeResource
+from resources.rules import BillingRulesResource
 
-__all__ = ["DeltaLakeResource", "KafkaResource"]
+__all__ = ["BillingRulesResource", "DeltaLakeResource", "KafkaResource"]

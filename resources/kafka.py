@@ -1,5 +1,6 @@
 from dagster import ConfigurableResource
 
+from billing_dagster.decoding import ValueFormat
 from billing_dagster.kafka_io import KafkaClient, KafkaSettings
 
 
@@ -10,6 +11,11 @@ class KafkaResource(ConfigurableResource):
     topic: str = "billing-events"
     consumer_group: str = "billing-dagster"
     request_timeout_seconds: float = 10.0
+    #: Value encoding per topic (json, avro, debezium-json); unlisted topics are json.
+    topic_formats: dict[str, str] = {}  # noqa: RUF012 (pydantic copies defaults)
+
+    def value_format(self, topic: str) -> ValueFormat:
+        return ValueFormat(self.topic_formats.get(topic, ValueFormat.JSON.value))
 
     def client(self) -> KafkaClient:
         return KafkaClient(

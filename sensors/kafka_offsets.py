@@ -21,13 +21,13 @@ def _parse_cursor(raw: str | None, topic: str) -> dict[int, int] | None:
     return {int(p): int(o) for p, o in state["offsets"].items()}
 
 
-def _run_request(batch: PlannedBatch, asset_name: str) -> dg.RunRequest:
+def _run_request(batch: PlannedBatch, op_name: str) -> dg.RunRequest:
     return dg.RunRequest(
         run_key=batch.run_key,
         partition_key=batch.partition_key,
         run_config={
             "ops": {
-                asset_name: {
+                op_name: {
                     "config": {
                         "topic": batch.topic,
                         "ranges": [
@@ -45,7 +45,7 @@ def _run_request(batch: PlannedBatch, asset_name: str) -> dg.RunRequest:
 def build_kafka_offsets_sensor(
     job: UnresolvedAssetJobDefinition,
     *,
-    asset_name: str,
+    op_name: str,
     interval_s: int,
     max_records_per_run: int,
     start_from: str,
@@ -98,7 +98,7 @@ def build_kafka_offsets_sensor(
                 "lake is behind requested offsets with no run in flight; re-requesting"
             )
         return dg.SensorResult(
-            run_requests=[_run_request(b, asset_name) for b in plan.batches], cursor=new_cursor
+            run_requests=[_run_request(b, op_name) for b in plan.batches], cursor=new_cursor
         )
 
     return kafka_offsets_sensor

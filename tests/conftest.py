@@ -9,16 +9,17 @@ from pathlib import Path
 
 import pytest
 
+from assets.ingest import build_ingest_assets
 from assets.partitions import log_hour_partitions
-from assets.raw_billing_events import build_raw_billing_events
 from billing_dagster.definitions import build_definitions, build_resources
+from billing_dagster.enrichment import write_reference_data
 from billing_dagster.kafka_io import KafkaClient, KafkaSettings, ensure_topic
 from billing_dagster.local_infra.kafka import ApacheKafka
 from billing_dagster.local_infra.postgres import LocalPostgres
 from billing_dagster.local_infra.s3 import ACCESS_KEY, REGION, SECRET_KEY, MotoS3
 from billing_dagster.producer import make_producer, produce_records
 from billing_dagster.settings import load_settings
-from billing_dagster.synthetic import GeneratedRecord
+from billing_dagster.synthetic import GeneratedRecord, SyntheticBillingStream
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -68,10 +69,12 @@ class Pipeline:
         self.settings = load_settings(env)
         self.defs = build_definitions(self.settings)
         # Unbound, so a test can swap a resource (fault injection) without conflicts.
-        self.asset = build_raw_billing_events(log_hour_partitions(self.settings.partitions_start))
+        self.asset = build_ingest_assets(log_hour_partitions(self.settings.partitions_start))
         self.sensor = self.defs.resolve_sensor_def("kafka_offsets_sensor")
         self.resources = build_resources(self.settings)
         self.lake = self.resources["lake"].location()
+        # Every synthetic customer, its plan, and FX rates around today.
+        write_reference_data(self.lake, SyntheticBillingStream().reference_data())
 
     def client(self, group: str | None = None) -> KafkaClient:
         return KafkaClient(

@@ -14,6 +14,7 @@ import pytest
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
+from assets.ingest import INGEST_OP
 from billing_dagster.contract import QUARANTINE_TABLE, RAW_TABLE
 from billing_dagster.delta_lake import read_table
 from billing_dagster.kafka_io import KafkaClient, ensure_topic
@@ -45,6 +46,15 @@ def materialize(pipeline: Pipeline, request: dg.RunRequest, instance, resources=
     )
 
 
+def materialization(result, asset: str) -> dg.AssetMaterialization:
+    (found,) = [
+        m
+        for m in result.asset_materializations_for_node(INGEST_OP)
+        if m.asset_key == dg.AssetKey(asset)
+    ]
+    return found
+
+
 def generated(seed: int, count: int):
     stream = SyntheticBillingStream(seed=seed, invalid_rate=0.02, duplicate_rate=0.03)
     return list(stream.records(count))
@@ -71,7 +81,7 @@ def test_new_events_flow_to_delta_exactly_once_with_exact_money(pipeline: Pipeli
     requests, cursor, _ = evaluate_sensor(pipeline, instance, None)
     assert len(requests) == 1
     assert requests[0].partition_key == hour_key(datetime.now(UTC))
-    ranges = requests[0].run_config["ops"]["raw_billing_events"]["config"]["ranges"]
+    ranges = requests[0].run_config["ops"][INGEST_OP]["config"]["ranges"]
     with pipeline.client() as client:
         ends = client.end_offsets(pipeline.settings.topic)
     assert {(r["partition"], r["start"], r["end"]) for r in ranges} == {
@@ -96,9 +106,9 @@ def test_new_events_flow_to_delta_exactly_once_with_exact_money(pipeline: Pipeli
     }
     assert quarantine["reason"].null_count() == 0
 
-    metadata = result.asset_materializations_for_node("raw_billing_events")[0].metadata
+    metadata = materialization(result, "raw_billing_events").metadata
     assert metadata["records_read"].value == len(records)
-    assert metadata["events_written"].value + metadata["quarantined"].value == len(records)
+    assert metadata["rows_written"].value + quarantine.height == len(records)
     assert metadata["offset_ranges_read"].value == " ".join(
         f"{r['partition']}:{r['start']}-{r['end']}"
         for r in sorted(ranges, key=lambda r: r["partition"])
@@ -128,10 +138,10 @@ def test_rerunning_the_same_range_adds_nothing(pipeline: Pipeline):
     assert rerun.success
     assert lake_rows(pipeline).sort("kafka_partition", "kafka_offset").equals(before)
     assert lake_rows(pipeline, QUARANTINE_TABLE).height == quarantine_before
-    metadata = rerun.asset_materializations_for_node("raw_billing_events")[0].metadata
+    metadata = materialization(rerun, "raw_billing_events").metadata
     assert metadata["records_read"].value == 0
     assert metadata["requested_ranges_already_committed"].value == len(
-        request.run_config["ops"]["raw_billing_events"]["config"]["ranges"]
+        request.run_config["ops"][INGEST_OP]["config"]["ranges"]
     )
 
 
@@ -186,7 +196,7 @@ def test_run_failing_after_the_write_is_retried_and_adds_nothing(pipeline: Pipel
 
 
 def _ranges(request: dg.RunRequest) -> dict[int, tuple[int, int]]:
-    config = request.run_config["ops"]["raw_billing_events"]["config"]
+    config = request.run_config["ops"][INGEST_OP]["config"]
     return {r["partition"]: (r["start"], r["end"]) for r in config["ranges"]}
 
 
@@ -219,14 +229,14 @@ def test_a_later_run_covers_offsets_an_earlier_failed_run_left_behind(pipeline: 
     ]
     second = dg.RunRequest(
         partition_key=first.partition_key,
-        run_config={"ops": {"raw_billing_events": {"config": {"ranges": later}}}},
+        run_config={"ops": {INGEST_OP: {"config": {"ranges": later}}}},
     )
     # The first run failed for good; the second run starts where the lake stopped.
     result = materialize(pipeline, second, instance)
     assert result.success
     valid = sum(1 for r in first_records + second_records if r.kind != "invalid")
     assert lake_rows(pipeline).height == valid
-    metadata = result.asset_materializations_for_node("raw_billing_events")[0].metadata
+    metadata = materialization(result, "raw_billing_events").metadata
     assert {p for p, _, _ in json.loads(metadata["gaps_covered"].value)} == set(done)
     # The first run, arriving late, is a no-op.
     assert materialize(pipeline, first, instance).success

@@ -1,0 +1,154 @@
+import dagster as dg
+
+from billing_dagster.contract import BILLING_EVENTS_TABLE, QUARANTINE_TABLE, RAW_TABLE
+from billing_dagster.enrichment import ReferenceDataError
+from billing_dagster.ingest import IngestReport, ingest_offsets
+from billing_dagster.kafka_io import OffsetsLostError
+from billing_dagster.offsets import (
+    OffsetRange,
+    TopicResetError,
+    parse_hour_key,
+    ranges_for_hour,
+    ranges_to_json,
+    ranges_to_text,
+)
+from resources import BillingRulesResource, DeltaLakeResource, KafkaResource
+
+#: The op that reads one batch of offsets and materializes both assets.
+INGEST_OP = "ingest_billing_batch"
+RAW_BILLING_EVENTS = dg.AssetKey("raw_billing_events")
+BILLING_EVENTS = dg.AssetKey("billing_events")
+
+
+class OffsetRangeConfig(dg.Config):
+    partition: int
+    start: int
+    end: int
+
+
+class KafkaBatchConfig(dg.Config):
+    """Which offsets to ingest. Left empty (a UI launch, a backfill), the run takes every
+    offset of its partition's log hour; the lake's offsets make that safe to repeat."""
+
+    topic: str = ""
+    ranges: list[OffsetRangeConfig] = []  # noqa: RUF012 (pydantic copies defaults)
+
+
+def raw_metadata(report: IngestReport) -> dict[str, object]:
+    return {
+        "topic": report.topic,
+        "records_read": report.records_read,
+        "rows_written": report.raw_written,
+        "requested_ranges_already_committed": len(report.plan.already_committed),
+        # Compact "partition:start-end" text reads better in the UI than nested JSON lists.
+        "offset_ranges_read": ranges_to_text(report.plan.reads),
+        "gaps_covered": ranges_to_json(report.plan.gaps_covered),
+        "processed_up_to": " ".join(f"{p}:{o}" for p, o in sorted(report.processed_up_to.items())),
+        "raw_table_version": report.raw_table_version
+        if report.raw_table_version is not None
+        else -1,
+        "dagster/row_count": report.raw_written,
+    }
+
+
+def billing_events_metadata(
+    report: IngestReport, reference_versions: dict[str, int]
+) -> dict[str, object]:
+    return {
+        # The batch's accounting: input = accepted + duplicates + quarantined.
+        "input_records": report.records_read,
+        "accepted": report.accepted,
+        "accepted_written": report.accepted_written,
+        "accepted_already_committed": report.accepted_already_committed,
+        "duplicates": report.duplicates,
+        "quarantined": report.quarantined,
+        "quarantined_written": report.quarantined_written,
+        "counts_balance": report.balanced,
+        "quarantined_by_rule": dg.MetadataValue.json(report.quarantined_by_rule),
+        "event_hours": ", ".join(report.event_hours),
+        "billing_events_version": report.billing_events_version
+        if report.billing_events_version is not None
+        else -1,
+        "reference_versions": dg.MetadataValue.json(reference_versions),
+        "offset_ranges_read": ranges_to_text(report.plan.reads),
+        "dagster/row_count": report.accepted_written,
+    }
+
+
+def build_ingest_assets(partitions_def: dg.PartitionsDefinition) -> dg.AssetsDefinition:
+    @dg.multi_asset(
+        name=INGEST_OP,
+        partitions_def=partitions_def,
+        group_name="ingest",
+        specs=[
+            dg.AssetSpec(
+                RAW_BILLING_EVENTS,
+                description=(
+                    "Every billing event delivery read from Kafka, decoded to the "
+                    "BillingEvent contract, in the Delta table raw/ (year/month/day/hour of "
+                    "event time). Undecodable records go to quarantine/ with their reason. "
+                    "Exactly once per Kafka offset."
+                ),
+                kinds={"kafka", "polars", "delta"},
+                metadata={"lake_table": RAW_TABLE},
+            ),
+            dg.AssetSpec(
+                BILLING_EVENTS,
+                deps=[RAW_BILLING_EVENTS],
+                description=(
+                    "Accepted billing events: deduplicated by event_id (within the batch and "
+                    "against everything accepted before), validated by the business rules, "
+                    "enriched with customer tier, subscription plan and amount_usd. "
+                    "Rejects go to quarantine/ with rule names and messages."
+                ),
+                kinds={"polars", "delta"},
+                metadata={"lake_table": BILLING_EVENTS_TABLE, "quarantine_table": QUARANTINE_TABLE},
+            ),
+        ],
+        retry_policy=dg.RetryPolicy(max_retries=3, delay=1, backoff=dg.Backoff.EXPONENTIAL),
+    )
+    def ingest_billing_batch(
+        context: dg.AssetExecutionContext,
+        config: KafkaBatchConfig,
+        kafka: KafkaResource,
+        lake: DeltaLakeResource,
+        billing_rules: BillingRulesResource,
+    ):
+        topic = config.topic or kafka.topic
+        location = lake.location()
+        try:
+            cleaning = billing_rules.cleaning_context(location, kafka.value_format(topic))
+        except ReferenceDataError as exc:
+            raise dg.Failure(str(exc), allow_retries=False) from exc
+        with kafka.client() as client:
+            if config.ranges:
+                ranges = [OffsetRange(r.partition, r.start, r.end) for r in config.ranges]
+            else:
+                hour = parse_hour_key(context.partition_key)
+                ranges = list(
+                    ranges_for_hour(
+                        hour,
+                        lambda moment: client.offsets_for_time(topic, moment),
+                        client.end_offsets(topic),
+                    )
+                )
+                context.log.info(f"log hour {context.partition_key} is offsets {ranges}")
+            try:
+                report = ingest_offsets(
+                    client, location, topic, ranges, cleaning=cleaning, run_id=context.run.run_id
+                )
+            except (TopicResetError, OffsetsLostError) as exc:
+                # Retrying cannot fix these; fail at once with the operator's message.
+                raise dg.Failure(str(exc), allow_retries=False) from exc
+        if report.plan.gaps_covered:
+            context.log.warning(
+                "covered offsets an earlier run left uncommitted: "
+                + ranges_to_json(report.plan.gaps_covered)
+            )
+        yield dg.MaterializeResult(asset_key=RAW_BILLING_EVENTS, metadata=raw_metadata(report))
+        yield dg.MaterializeResult(
+            asset_key=BILLING_EVENTS,
+            metadata=billing_events_metadata(report, dict(cleaning.reference.versions or {})),
+        )
+
+    return ingest_billing_batch
