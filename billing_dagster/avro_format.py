@@ -227,7 +227,7 @@ def decode_avro_wire(
 ) -> tuple[pl.Series, pl.DataFrame]:
     values = records["value"]
     size = values.bin.size().fill_null(0)
-    framed = (size >= HEADER_BYTES) & (values.bin.head(1) == bytes([MAGIC_BYTE])).fill_null(False)
+    framed = (size >= HEADER_BYTES) & values.bin.starts_with(bytes([MAGIC_BYTE])).fill_null(False)
     schema_ids = (
         values.bin.slice(1, 4).bin.reinterpret(dtype=pl.UInt32, endianness="big").fill_null(0)
     )
