@@ -1,9 +1,11 @@
-"""One micro-batch, measured: N synthetic events already in Kafka -> raw/ + quarantine/.
+"""One micro-batch, measured: N synthetic events already in Kafka -> raw/, billing_events/
+and quarantine/.
 
 Starts its own Apache Kafka (KRaft) unless --bootstrap is given, and prints:
   - decode only (Polars, in memory)
   - Kafka range read (assign + consume, into a frame)
-  - the whole ingest_offsets call (read + decode + Delta appends + offset commit)
+  - the whole ingest_offsets call (read + decode + dedupe + validate + enrich + three Delta
+    appends + offset commit)
 
     .venv/bin/python bench/ingest_batch.py --events 1000000
 """
@@ -20,7 +22,8 @@ from datetime import UTC, datetime
 
 from billing_dagster.decoding import decode_json_records
 from billing_dagster.delta_lake import LakeLocation
-from billing_dagster.ingest import ingest_offsets
+from billing_dagster.enrichment import write_reference_data
+from billing_dagster.ingest import CleaningContext, ingest_offsets
 from billing_dagster.kafka_io import KafkaClient, KafkaSettings, ensure_topic
 from billing_dagster.local_infra.kafka import ApacheKafka
 from billing_dagster.offsets import OffsetRange
@@ -76,13 +79,24 @@ def main() -> None:
             tempfile.TemporaryDirectory() as lake_dir,
             KafkaClient(KafkaSettings(bootstrap, consumer_group=f"{topic}-ingest")) as client,
         ):
+            lake = LakeLocation(lake_dir)
+            reference = stream.reference_data()
+            write_reference_data(lake, reference)
             started = time.perf_counter()
-            report = ingest_offsets(client, LakeLocation(lake_dir), topic, ranges, run_id="b")
+            report = ingest_offsets(
+                client,
+                lake,
+                topic,
+                ranges,
+                cleaning=CleaningContext(reference=reference),
+                run_id="b",
+            )
             total_s = time.perf_counter() - started
         print(
-            f"ingest_offsets (read+decode+Delta+commit): {report.records_read / total_s:,.0f} "
-            f"events/s ({total_s:.2f} s; {report.events_written} events, "
-            f"{report.quarantined_written} quarantined)"
+            f"ingest_offsets (read+decode+clean+Delta+commit): "
+            f"{report.records_read / total_s:,.0f} events/s ({total_s:.2f} s; "
+            f"{report.accepted} accepted, {report.duplicates} duplicates, "
+            f"{report.quarantined} quarantined; balanced: {report.balanced})"
         )
 
 
