@@ -98,3 +98,8 @@ def test_demo_runs_the_pipeline_in_the_ui_and_stops_cleanly(tmp_path: Path, brok
         assert not port_open(server_port), f"{name} still listening after the demo stopped"
     raw = pl.read_delta(str(state / "lake" / "raw"))
     assert raw.select("kafka_partition", "kafka_offset").n_unique() == raw.height
+    # The demo's events are enriched and accepted, not quarantined for lack of reference data.
+    events = pl.read_delta(str(state / "lake" / "billing_events"))
+    assert events.height > 0
+    assert events["amount_usd"].null_count() == 0
+    assert events["event_id"].n_unique() == events.height

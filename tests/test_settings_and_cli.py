@@ -89,3 +89,37 @@ def test_cli_produces_to_real_kafka(kafka, topic):
         ends = client.end_offsets(topic)
     assert sum(ends.values()) == 400
     assert sum(1 for e in ends.values() if e) > 12  # keyed by customer over 24 partitions
+
+
+def test_cli_loads_reference_tables_from_csv(tmp_path):
+    from decimal import Decimal
+
+    import polars as pl
+
+    (tmp_path / "customers.csv").write_text("customer_id,customer_tier\n7,enterprise\n8,growth\n")
+    (tmp_path / "subscriptions.csv").write_text(
+        "subscription_id,customer_id,plan,started_at\ns-7,7,pro,2026-01-01T00:00:00Z\n"
+    )
+    (tmp_path / "fx.csv").write_text("rate_date,currency,usd_rate\n2026-11-24,EUR,1.08345\n")
+    lake = tmp_path / "lake"
+    args = [
+        "reference",
+        "load",
+        "--customers",
+        str(tmp_path / "customers.csv"),
+        "--subscriptions",
+        str(tmp_path / "subscriptions.csv"),
+        "--fx-rates",
+        str(tmp_path / "fx.csv"),
+    ]
+    result = run_cli(*args, BILLING_LAKE_ROOT=str(lake))
+    assert result.returncode == 0, result.stderr
+    assert "loaded 2 customers, 1 subscriptions, 1 FX rates" in result.stdout
+    rates = pl.read_delta(str(lake / "reference" / "fx_rates"))
+    assert rates["usd_rate"].to_list() == [Decimal("1.08345000")]
+
+    (tmp_path / "fx.csv").write_text("rate_date,currency,usd_rate\n2026-11-24,EUR,about one\n")
+    bad = run_cli(*args, BILLING_LAKE_ROOT=str(lake))
+    assert bad.returncode == 2
+    assert bad.stderr.strip().startswith("error:") and "fx.csv" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
