@@ -11,14 +11,13 @@ works against real Delta reads, not an empty table.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import random
 import tempfile
 import time
 from datetime import UTC, datetime
 
 import polars as pl
+from machine_info import machine  # bench/ is the script folder, so on sys.path
 
 from billing_dagster.avro_format import AvroEventEncoder, SchemaRegistrySource
 from billing_dagster.cleaning import clean_events
@@ -34,15 +33,6 @@ from billing_dagster.rules import ValidationPolicy
 from billing_dagster.synthetic import SyntheticBillingStream
 
 TOPIC = "bench"
-
-
-def machine() -> str:
-    with open("/proc/cpuinfo") as info:
-        cpu = next(
-            (line.split(":", 1)[1].strip() for line in info if "model name" in line),
-            platform.processor(),
-        )
-    return f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}"
 
 
 def as_records(values: list[bytes], keys: list[bytes], first_offset: int) -> pl.DataFrame:

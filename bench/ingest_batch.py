@@ -13,12 +13,12 @@ Starts its own Apache Kafka (KRaft) unless --bootstrap is given, and prints:
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import tempfile
 import time
 from contextlib import nullcontext
 from datetime import UTC, datetime
+
+from machine_info import machine  # bench/ is the script folder, so on sys.path
 
 from billing_dagster.decoding import decode_json_records
 from billing_dagster.delta_lake import LakeLocation
@@ -29,15 +29,6 @@ from billing_dagster.local_infra.kafka import ApacheKafka
 from billing_dagster.offsets import OffsetRange
 from billing_dagster.producer import make_producer, produce_records
 from billing_dagster.synthetic import SyntheticBillingStream
-
-
-def machine() -> str:
-    with open("/proc/cpuinfo") as info:
-        cpu = next(
-            (line.split(":", 1)[1].strip() for line in info if "model name" in line),
-            platform.processor(),
-        )
-    return f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}"
 
 
 def main() -> None:

@@ -119,16 +119,16 @@ EVENT_SCHEMA: dict[str, pl.DataType] = {
 #: Lake partition columns, as in the reference layout raw/year=/month=/day=/hour=.
 EVENT_HOUR_PARTITIONS: tuple[str, ...] = ("year", "month", "day", "hour")
 
-RAW_EVENT_SCHEMA: dict[str, pl.DataType] = {
-    **EVENT_SCHEMA,
+#: What every event row in the lake carries after its event columns: where it came from,
+#: which run wrote it, and its event-time partition.
+_LAKE_ROW_SCHEMA: dict[str, pl.DataType] = {
     **KAFKA_PROVENANCE_SCHEMA,
     "ingested_at": pl.Datetime("us", "UTC"),
     "ingest_run_id": pl.String(),
-    "year": pl.Int32(),
-    "month": pl.Int32(),
-    "day": pl.Int32(),
-    "hour": pl.Int32(),
+    **{name: pl.Int32() for name in EVENT_HOUR_PARTITIONS},
 }
+
+RAW_EVENT_SCHEMA: dict[str, pl.DataType] = {**EVENT_SCHEMA, **_LAKE_ROW_SCHEMA}
 
 QUARANTINE_SCHEMA: dict[str, pl.DataType] = {
     **KAFKA_PROVENANCE_SCHEMA,
@@ -152,13 +152,7 @@ BILLING_EVENTS_SCHEMA: dict[str, pl.DataType] = {
     "subscription_plan": pl.String(),
     "usd_rate": FX_RATE,
     "amount_usd": MONEY,
-    **KAFKA_PROVENANCE_SCHEMA,
-    "ingested_at": pl.Datetime("us", "UTC"),
-    "ingest_run_id": pl.String(),
-    "year": pl.Int32(),
-    "month": pl.Int32(),
-    "day": pl.Int32(),
-    "hour": pl.Int32(),
+    **_LAKE_ROW_SCHEMA,
 }
 
 #: Reference tables the cleaning step enriches from (reference/<name> in the lake).
