@@ -16,6 +16,7 @@ from functools import cache
 
 import fastavro
 import polars as pl
+import pyarrow as pa
 
 from billing_dagster.contract import (
     AVRO_SCHEMA_V1,
@@ -166,7 +167,10 @@ def _container(schema_json: str, bodies: pl.Series) -> bytes:
         data = b""
     else:
         # The bodies sit back to back in the array's data buffer: one slice, no per-row copy.
-        start, stop = arrow.offsets[0].as_py(), arrow.offsets[-1].as_py()
+        offsets = pa.Array.from_buffers(
+            pa.int64(), len(arrow) + 1, [None, arrow.buffers()[1]], offset=arrow.offset
+        )
+        start, stop = offsets[0].as_py(), offsets[-1].as_py()
         data = arrow.buffers()[2].to_pybytes()[start:stop]
     header = bytearray(b"Obj\x01")
     meta = {"avro.schema": schema_json.encode(), "avro.codec": b"null"}

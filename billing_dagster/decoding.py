@@ -1,6 +1,10 @@
 """Decode a batch of Kafka records into contract-typed events and quarantine rows.
 
-The whole batch is decoded by one vectorised Polars call. Only when that call fails (some
+Each encoding (JSON here; Avro in avro_format.py; Debezium JSON in debezium.py) turns the
+record values into one struct column of contract fields as text; `finish_decoding` then
+applies the contract rules once, for every encoding, and types the columns.
+
+A JSON batch is decoded by one vectorised Polars call. Only when that call fails (some
 value is not UTF-8, not JSON, or has an object where a scalar belongs) is the batch split
 64 ways, recursively, to find the failing segments; segments of 64 rows or fewer are
 screened row by row with Python's json module and their good rows decoded together. Good
