@@ -12,12 +12,20 @@ from billing_dagster.offsets import (
     ranges_to_json,
     ranges_to_text,
 )
-from resources import BillingRulesResource, DeltaLakeResource, KafkaResource
+from billing_dagster.serving import ServingResult, ServingUnavailableError
+from resources import (
+    BillingRulesResource,
+    DeltaLakeResource,
+    KafkaResource,
+    PostgresServingResource,
+)
 
 #: The op that reads one batch of offsets and materializes both assets.
 INGEST_OP = "ingest_billing_batch"
 RAW_BILLING_EVENTS = dg.AssetKey("raw_billing_events")
 BILLING_EVENTS = dg.AssetKey("billing_events")
+CUSTOMER_BALANCES = dg.AssetKey("customer_balances")
+TRANSACTION_HISTORY = dg.AssetKey("transaction_history")
 
 
 class OffsetRangeConfig(dg.Config):
@@ -75,6 +83,19 @@ def billing_events_metadata(
     }
 
 
+def serving_metadata(serving: ServingResult | None) -> dict[str, object]:
+    if serving is None:
+        return {}
+    return {
+        "events_applied": serving.events_applied,
+        "events_already_applied": serving.events_already_applied,
+        "customers_updated": serving.customers_updated,
+        "history_rows_inserted": serving.history_inserted,
+        "ledger_batch_id": serving.batch_id or "",
+        "partitions_created": ", ".join(serving.partitions_created),
+    }
+
+
 def build_ingest_assets(partitions_def: dg.PartitionsDefinition) -> dg.AssetsDefinition:
     @dg.multi_asset(
         name=INGEST_OP,
@@ -104,6 +125,27 @@ def build_ingest_assets(partitions_def: dg.PartitionsDefinition) -> dg.AssetsDef
                 kinds={"polars", "delta"},
                 metadata={"lake_table": BILLING_EVENTS_TABLE, "quarantine_table": QUARANTINE_TABLE},
             ),
+            dg.AssetSpec(
+                CUSTOMER_BALANCES,
+                deps=[BILLING_EVENTS],
+                description=(
+                    "Postgres customer_balances: per customer, the sum of amount_usd of accepted "
+                    "events (USD), upserted once per batch with version + 1, exactly once per "
+                    "Kafka offset (balance_offsets + the balance_batches ledger)."
+                ),
+                kinds={"postgres"},
+                metadata={"table": "customer_balances"},
+            ),
+            dg.AssetSpec(
+                TRANSACTION_HISTORY,
+                deps=[BILLING_EVENTS],
+                description=(
+                    "Postgres transaction_history, partitioned by month of created_at (new "
+                    "months are created before rows arrive); idempotent on transaction_id."
+                ),
+                kinds={"postgres"},
+                metadata={"table": "transaction_history"},
+            ),
         ],
         retry_policy=dg.RetryPolicy(max_retries=3, delay=1, backoff=dg.Backoff.EXPONENTIAL),
     )
@@ -113,6 +155,7 @@ def build_ingest_assets(partitions_def: dg.PartitionsDefinition) -> dg.AssetsDef
         kafka: KafkaResource,
         lake: DeltaLakeResource,
         billing_rules: BillingRulesResource,
+        postgres: PostgresServingResource,
     ):
         topic = config.topic or kafka.topic
         location = lake.location()
@@ -120,6 +163,12 @@ def build_ingest_assets(partitions_def: dg.PartitionsDefinition) -> dg.AssetsDef
             cleaning = billing_rules.cleaning_context(location, kafka.value_format(topic))
         except ReferenceDataError as exc:
             raise dg.Failure(str(exc), allow_retries=False) from exc
+        try:
+            migrated = postgres.ensure_migrated()
+        except ServingUnavailableError as exc:
+            raise dg.Failure(str(exc)) from exc  # retried: Postgres may be restarting
+        if migrated:
+            context.log.info(f"applied migrations: {', '.join(migrated)}")
         with kafka.client() as client:
             if config.ranges:
                 ranges = [OffsetRange(r.partition, r.start, r.end) for r in config.ranges]
@@ -135,11 +184,20 @@ def build_ingest_assets(partitions_def: dg.PartitionsDefinition) -> dg.AssetsDef
                 context.log.info(f"log hour {context.partition_key} is offsets {ranges}")
             try:
                 report = ingest_offsets(
-                    client, location, topic, ranges, cleaning=cleaning, run_id=context.run.run_id
+                    client,
+                    location,
+                    topic,
+                    ranges,
+                    cleaning=cleaning,
+                    serving_url=postgres.url,
+                    run_id=context.run.run_id,
                 )
             except (TopicResetError, OffsetsLostError) as exc:
                 # Retrying cannot fix these; fail at once with the operator's message.
                 raise dg.Failure(str(exc), allow_retries=False) from exc
+            except ServingUnavailableError as exc:
+                # The lake kept its writes; the retry re-applies the batch to Postgres once.
+                raise dg.Failure(str(exc)) from exc
         if report.plan.gaps_covered:
             context.log.warning(
                 "covered offsets an earlier run left uncommitted: "
@@ -150,5 +208,8 @@ def build_ingest_assets(partitions_def: dg.PartitionsDefinition) -> dg.AssetsDef
             asset_key=BILLING_EVENTS,
             metadata=billing_events_metadata(report, dict(cleaning.reference.versions or {})),
         )
+        serving = serving_metadata(report.serving)
+        yield dg.MaterializeResult(asset_key=CUSTOMER_BALANCES, metadata=serving)
+        yield dg.MaterializeResult(asset_key=TRANSACTION_HISTORY, metadata=serving)
 
     return ingest_billing_batch

@@ -10,9 +10,16 @@ import click
 from billing_dagster.enrichment import ReferenceDataError
 from billing_dagster.kafka_io import KafkaUnavailableError, ensure_topic
 from billing_dagster.local_infra.process import REPO_ROOT, InfraError
+from billing_dagster.serving import ServingUnavailableError
 from billing_dagster.settings import ConfigError, load_settings
 
-USER_ERRORS = (ConfigError, InfraError, KafkaUnavailableError, ReferenceDataError)
+USER_ERRORS = (
+    ConfigError,
+    InfraError,
+    KafkaUnavailableError,
+    ReferenceDataError,
+    ServingUnavailableError,
+)
 
 
 class BillingGroup(click.Group):
@@ -196,6 +203,17 @@ def reference_demo(customers: int) -> None:
     data = SyntheticBillingStream(customers=customers).reference_data()
     write_reference_data(_lake(), data)
     click.echo(f"wrote {data.customers.height} customers and {data.fx_rates.height} FX rates")
+
+
+@main.command()
+def migrate() -> None:
+    """Apply pending serving-table migrations to BILLING_POSTGRES_URL (runs also start them)."""
+    from billing_dagster.serving import migrate as apply_migrations
+
+    applied = apply_migrations(load_settings().postgres_url)
+    click.echo(
+        f"applied {', '.join(applied)}" if applied else "nothing to apply: schema is current"
+    )
 
 
 if __name__ == "__main__":

@@ -7,7 +7,12 @@ import dagster as dg
 from assets.ingest import INGEST_OP, build_ingest_assets
 from assets.partitions import log_hour_partitions
 from billing_dagster.settings import Settings, load_settings
-from resources import BillingRulesResource, DeltaLakeResource, KafkaResource
+from resources import (
+    BillingRulesResource,
+    DeltaLakeResource,
+    KafkaResource,
+    PostgresServingResource,
+)
 from sensors.kafka_offsets import build_kafka_offsets_sensor
 
 #: Runs carrying this tag are limited to one at a time by the run queue (dev/dagster.yaml):
@@ -32,6 +37,7 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
             aws_secret_access_key=settings.aws_secret_access_key,
             s3_allow_http=settings.s3_allow_http,
         ),
+        "postgres": PostgresServingResource(url=settings.postgres_url),
         "billing_rules": BillingRulesResource(
             supported_currencies=list(settings.supported_currencies),
             max_future_skew_seconds=settings.max_future_skew_s,

@@ -22,6 +22,7 @@ from billing_dagster.local_infra.postgres import LocalPostgres
 from billing_dagster.local_infra.process import REPO_ROOT, InfraError, port_open
 from billing_dagster.local_infra.tansu import TansuBroker
 from billing_dagster.producer import make_producer, produce_at_rate
+from billing_dagster.serving import migrate
 from billing_dagster.synthetic import SyntheticBillingStream
 
 
@@ -61,10 +62,12 @@ def run_demo(
         broker = start_broker(broker_kind)
         stack.callback(broker.stop)
         echo(f"  broker on {broker.bootstrap_servers}")
-        echo("starting Postgres for Dagster's run storage ...")
+        echo("starting Postgres (Dagster's storage and the serving tables) ...")
         postgres = LocalPostgres(database="dagster").start()
         stack.callback(postgres.stop)
-        echo(f"  {postgres.url}")
+        serving_url = postgres.create_database("billing")
+        migrate(serving_url)
+        echo(f"  Dagster storage {postgres.url}; balances in {serving_url}")
         ensure_topic(broker.bootstrap_servers, topic, partitions=24)
 
         stream = SyntheticBillingStream(seed=int(time.time()))
@@ -88,6 +91,7 @@ def run_demo(
             **os.environ,
             "DAGSTER_HOME": str(dagster_home),
             "DAGSTER_POSTGRES_URL": postgres.url,
+            "BILLING_POSTGRES_URL": serving_url,
             "BILLING_KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
             "BILLING_TOPIC": topic,
             "BILLING_LAKE_ROOT": str(lake_root),

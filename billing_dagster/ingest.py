@@ -1,8 +1,9 @@
 """One micro-batch: Kafka offsets -> every delivery in raw/, accepted events in
 billing_events/, rejects in quarantine/.
 
-Order matters for exactly-once: quarantine, then billing_events, then raw (whose offsets
-mark a finished batch), then the consumer-group commit. Each Delta table keeps its own
+Order matters for exactly-once: quarantine, then billing_events, then the Postgres serving
+layer (balances and history, one transaction), then raw (whose offsets mark a finished
+batch), then the consumer-group commit. Each Delta table keeps its own
 offsets, so a crash between any two steps is repaired by the retry without duplicating a
 row in any table.
 """
@@ -36,6 +37,7 @@ from billing_dagster.enrichment import ReferenceData
 from billing_dagster.kafka_io import KafkaClient
 from billing_dagster.offsets import OffsetRange, ReadPlan, check_topic_not_reset, plan_reads
 from billing_dagster.rules import RETURN_TYPES, ValidationPolicy
+from billing_dagster.serving import ServingResult, apply_batch
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ class IngestReport:
     billing_events_version: int | None
     event_hours: tuple[str, ...]
     quarantined_by_rule: dict[str, int]
+    serving: ServingResult | None = None
 
     @property
     def accepted(self) -> int:
@@ -138,9 +141,12 @@ def ingest_offsets(
     requested: Sequence[OffsetRange],
     *,
     cleaning: CleaningContext,
+    serving_url: str | None = None,
     run_id: str,
     now: datetime | None = None,
 ) -> IngestReport:
+    """`serving_url`: the Postgres serving layer to apply accepted events to (None: the lake
+    only, as the lake benchmarks do)."""
     now = now or datetime.now(UTC)
     # raw/ is written last, so its offsets mark batches that are completely done.
     raw_table = lake.open(RAW_TABLE)
@@ -189,6 +195,15 @@ def ingest_offsets(
         partition_by=EVENT_HOUR_PARTITIONS,
         table=events_table,
     )
+    serving = None
+    if serving_url is not None:
+        serving = apply_batch(
+            serving_url,
+            cleaned.accepted,
+            topic=topic,
+            processed_up_to=processed_up_to,
+            run_id=run_id,
+        )
     raw = append_exactly_once(
         lake,
         RAW_TABLE,
@@ -223,6 +238,7 @@ def ingest_offsets(
         billing_events_version=accepted.table_version,
         event_hours=tuple(hours.to_list()),
         quarantined_by_rule=dict(by_rule.iter_rows()),
+        serving=serving,
     )
     if not report.balanced:
         raise AssertionError(f"record accounting does not balance: {report}")

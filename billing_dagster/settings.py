@@ -37,6 +37,7 @@ class Settings:
     schema_registry_url: str | None
     supported_currencies: tuple[str, ...]
     max_future_skew_s: int
+    postgres_url: str
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
@@ -144,6 +145,13 @@ def _currencies(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     return codes
 
 
+def _postgres_url(env: Mapping[str, str], name: str) -> str:
+    raw = env.get(name, "").strip() or "postgresql://billing@127.0.0.1:5432/billing"
+    if not raw.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(f"{name} must be a postgresql://user@host:port/database URL, got '{raw}'")
+    return raw
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
     topic = env.get("BILLING_TOPIC", "").strip() or "billing-events"
@@ -178,4 +186,5 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         schema_registry_url=registry,
         supported_currencies=_currencies(env, "BILLING_SUPPORTED_CURRENCIES"),
         max_future_skew_s=_int(env, "BILLING_MAX_FUTURE_SKEW_SECONDS", 900),
+        postgres_url=_postgres_url(env, "BILLING_POSTGRES_URL"),
     )

@@ -2,6 +2,12 @@
 
 from resources.kafka import KafkaResource
 from resources.lake import DeltaLakeResource
+from resources.postgres import PostgresServingResource
 from resources.rules import BillingRulesResource
 
-__all__ = ["BillingRulesResource", "DeltaLakeResource", "KafkaResource"]
+__all__ = [
+    "BillingRulesResource",
+    "DeltaLakeResource",
+    "KafkaResource",
+    "PostgresServingResource",
+]

@@ -57,6 +57,12 @@ def topic(kafka: ApacheKafka) -> str:
 
 
 @pytest.fixture
+def serving_url(postgres: LocalPostgres) -> str:
+    """A fresh, empty serving database for one test."""
+    return postgres.create_database(f"serving_{uuid.uuid4().hex[:10]}")
+
+
+@pytest.fixture
 def lake_root(tmp_path: Path) -> str:
     return str(tmp_path / "lake")
 
@@ -64,7 +70,7 @@ def lake_root(tmp_path: Path) -> str:
 class Pipeline:
     """The project's own Definitions, pointed at the test's servers, topic and lake."""
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], *, write_reference: bool = True) -> None:
         self.env = env
         self.settings = load_settings(env)
         self.defs = build_definitions(self.settings)
@@ -74,7 +80,8 @@ class Pipeline:
         self.resources = build_resources(self.settings)
         self.lake = self.resources["lake"].location()
         # Every synthetic customer, its plan, and FX rates around today.
-        write_reference_data(self.lake, SyntheticBillingStream().reference_data())
+        if write_reference:
+            write_reference_data(self.lake, SyntheticBillingStream().reference_data())
 
     def client(self, group: str | None = None) -> KafkaClient:
         return KafkaClient(
@@ -90,23 +97,26 @@ class Pipeline:
         )
 
 
-def pipeline_env(kafka: ApacheKafka, topic: str, lake_root: str, **extra: str) -> dict[str, str]:
+def pipeline_env(
+    kafka: ApacheKafka, topic: str, lake_root: str, serving_url: str, **extra: str
+) -> dict[str, str]:
     return {
         "BILLING_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
         "BILLING_TOPIC": topic,
         "BILLING_CONSUMER_GROUP": f"group-{topic}",
         "BILLING_LAKE_ROOT": lake_root,
+        "BILLING_POSTGRES_URL": serving_url,
         **extra,
     }
 
 
 @pytest.fixture
-def pipeline(kafka: ApacheKafka, topic: str, lake_root: str) -> Pipeline:
-    return Pipeline(pipeline_env(kafka, topic, lake_root))
+def pipeline(kafka: ApacheKafka, topic: str, lake_root: str, serving_url: str) -> Pipeline:
+    return Pipeline(pipeline_env(kafka, topic, lake_root, serving_url))
 
 
 @pytest.fixture
-def s3_pipeline(kafka: ApacheKafka, topic: str, s3: MotoS3) -> Pipeline:
+def s3_pipeline(kafka: ApacheKafka, topic: str, s3: MotoS3, serving_url: str) -> Pipeline:
     bucket = f"lake-{uuid.uuid4().hex[:8]}"
     s3.create_bucket(bucket)
     return Pipeline(
@@ -114,6 +124,7 @@ def s3_pipeline(kafka: ApacheKafka, topic: str, s3: MotoS3) -> Pipeline:
             kafka,
             topic,
             f"s3://{bucket}/billing",
+            serving_url,
             BILLING_S3_ENDPOINT_URL=s3.endpoint_url,
             BILLING_S3_ALLOW_HTTP="true",
             AWS_REGION=REGION,

@@ -10,9 +10,11 @@ import subprocess
 import sys
 import time
 import urllib.request
+from decimal import Decimal
 from pathlib import Path
 
 import polars as pl
+import psycopg2
 import pytest
 
 from billing_dagster.local_infra.process import free_port, port_open
@@ -48,6 +50,21 @@ def raw_rows(lake: Path) -> int:
         return 0
 
 
+def serving_totals(demo_output: str) -> tuple[int, Decimal, Decimal] | None:
+    """(customers, sum of balances, sum of the ledger) from the demo's serving database."""
+    match = re.search(r"balances in (postgresql://\S+)", demo_output)
+    if match is None:
+        return None
+    with psycopg2.connect(match.group(1)) as connection, connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT (SELECT count(*) FROM customer_balances), "
+            "(SELECT coalesce(sum(current_balance), 0) FROM customer_balances), "
+            "(SELECT coalesce(sum(amount_usd_total), 0) FROM balance_batches)"
+        )
+        customers, balance_total, ledger_total = cursor.fetchone()
+    return (customers, balance_total, ledger_total) if customers else None
+
+
 @pytest.mark.parametrize("broker", ["tansu", "kafka"])
 def test_demo_runs_the_pipeline_in_the_ui_and_stops_cleanly(tmp_path: Path, broker: str):
     port = free_port()
@@ -79,13 +96,21 @@ def test_demo_runs_the_pipeline_in_the_ui_and_stops_cleanly(tmp_path: Path, brok
         while time.monotonic() < deadline:
             if demo.poll() is not None:
                 pytest.fail(f"demo exited early:\n{log.read_text()[-3000:]}")
-            if successful_ingest_runs(port) >= 2 and raw_rows(state / "lake") > 0:
+            if (
+                successful_ingest_runs(port) >= 2
+                and raw_rows(state / "lake") > 0
+                and (balances := serving_totals(log.read_text())) is not None
+            ):
                 break
             time.sleep(2)
         else:
             pytest.fail(f"no successful ingest run in time:\n{log.read_text()[-3000:]}")
         print(f"{broker}: first rows in the lake {time.monotonic() - started:.0f}s after start")
         assert port_open(port)
+        # Balances are served from the demo's Postgres and agree with the batch ledger.
+        customers, balance_total, ledger_total = balances
+        assert customers > 0
+        assert balance_total == ledger_total
     finally:
         demo.send_signal(signal.SIGTERM)
         demo.wait(timeout=90)

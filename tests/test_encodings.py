@@ -48,12 +48,13 @@ def event(**changes: object) -> BillingEvent:
 
 
 @pytest.fixture
-def avro_pipeline(kafka, topic, lake_root) -> Pipeline:
+def avro_pipeline(kafka, topic, lake_root, serving_url) -> Pipeline:
     return Pipeline(
         pipeline_env(
             kafka,
             topic,
             lake_root,
+            serving_url,
             BILLING_TOPIC_FORMATS=f"{topic}=avro",
             BILLING_SCHEMA_REGISTRY_URL=f"mock://{topic}",
         )
@@ -158,9 +159,11 @@ def debezium(
     return json.dumps(envelope).encode()
 
 
-def test_debezium_change_events_map_to_billing_events(kafka, topic, lake_root):
+def test_debezium_change_events_map_to_billing_events(kafka, topic, lake_root, serving_url):
     pipeline = Pipeline(
-        pipeline_env(kafka, topic, lake_root, BILLING_TOPIC_FORMATS=f"{topic}=debezium-json")
+        pipeline_env(
+            kafka, topic, lake_root, serving_url, BILLING_TOPIC_FORMATS=f"{topic}=debezium-json"
+        )
     )
     stamp = WHEN.isoformat().replace("+00:00", "Z")
     txn_id, pay_id, refund_id, cb_id = (str(uuid.uuid4()) for _ in range(4))

@@ -72,6 +72,13 @@ class LocalPostgres(LocalServer):
             "--no-locale",
             "--no-sync",
         )
+        self._pg_ctl_start()
+        self._run(
+            "createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user, self.database
+        )
+        return self
+
+    def _pg_ctl_start(self) -> None:
         options = (
             f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.workdir} "
             "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
@@ -103,10 +110,19 @@ class LocalPostgres(LocalServer):
             timeout_s=30,
             log=self.log,
         )
-        self._run(
-            "createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user, self.database
-        )
-        return self
+
+    def create_database(self, name: str) -> str:
+        """A further empty database on this server; returns its URL."""
+        self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user, name)
+        return f"postgresql://{self.user}@127.0.0.1:{self.port}/{name}"
+
+    def pause(self) -> None:
+        """Stop the server as a crash would (immediate), keeping its data and port."""
+        self._run("pg_ctl", "-D", str(self.datadir), "-m", "immediate", "-w", "stop")
+        self._started = False
+
+    def resume(self) -> None:
+        self._pg_ctl_start()
 
     def stop(self) -> None:
         if self._started:

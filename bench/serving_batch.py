@@ -1,0 +1,129 @@
+"""The Postgres serving step of one large batch: history insert and balance upsert.
+
+Starts a throwaway Postgres with the project's own scripts, migrates it, and applies a
+batch of --events accepted events (default 1M, over --customers customers, spread over
+two months so two history partitions are created) with `serving.apply_batch`, the same
+function the ingest asset calls, then a second batch of as many events over the same
+customers (the upsert now updates existing rows). Prints rows/s per phase, then applies
+the last batch again to show what a replay costs (it must change nothing), and checks
+the sum of balances against the batches.
+
+    .venv/bin/python bench/serving_batch.py --events 1000000 --customers 100000
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from datetime import UTC, datetime
+
+import polars as pl
+from machine_info import machine  # bench/ is the script folder, so on sys.path
+
+from billing_dagster.local_infra.postgres import LocalPostgres
+from billing_dagster.serving import apply_batch, migrate, read_balances
+
+PARTITIONS = 24
+
+
+def accepted_batch(events: int, customers: int, seed: int) -> pl.DataFrame:
+    """Accepted events as the cleaning step hands them over (only the columns used)."""
+    index = pl.int_range(0, events, eager=True)
+    types = ["PAYMENT"] * 7 + ["REFUND", "CHARGEBACK", "ADJUSTMENT"]
+    start = datetime(2026, 10, 20, tzinfo=UTC)
+    frame = pl.DataFrame({"i": index}).with_columns(
+        event_id=pl.format(
+            "{}-0000-4000-8000-{}",
+            pl.col("i").cast(pl.String).str.zfill(8),
+            pl.lit(f"{seed:012d}"),
+        ),
+        customer_id=(pl.col("i").hash(seed) % customers + 1).cast(pl.Int64),
+        transaction_type=(pl.col("i") % len(types)).replace_strict(
+            dict(enumerate(types)), return_dtype=pl.String
+        ),
+        cents=(pl.col("i").hash(seed + 1) % 50_000 + 100).cast(pl.Int64),
+        created_at=pl.lit(start) + pl.duration(seconds=pl.col("i") * (30 * 86_400 // events)),
+        kafka_partition=(pl.col("i") % PARTITIONS).cast(pl.Int32),
+        kafka_offset=pl.col("i") // PARTITIONS,
+    )
+    signed = (
+        pl.when(pl.col("transaction_type").is_in(["REFUND", "CHARGEBACK"]))
+        .then(-pl.col("cents"))
+        .otherwise(pl.col("cents"))
+    )
+    amount = (signed.cast(pl.Decimal(18, 0)) / 100).cast(pl.Decimal(12, 2))
+    return frame.with_columns(amount=amount, amount_usd=amount, currency=pl.lit("USD")).drop(
+        "i", "cents"
+    )
+
+
+def report(label: str, events: int, url: str, batch: pl.DataFrame, up_to: dict) -> None:
+    started = time.perf_counter()
+    result = apply_batch(url, batch, topic="bench", processed_up_to=up_to, run_id=label)
+    total = time.perf_counter() - started
+    laps = result.timings
+    history = laps["copy_history"] + laps["insert_history"]
+    balances = laps["copy_balances"] + laps["upsert_balances"]
+    print(
+        f"{label}: {events:,} events, {result.customers_updated:,} customers, "
+        f"partitions created {list(result.partitions_created)}"
+    )
+    for phase, seconds in laps.items():
+        print(f"  {phase:<16} {seconds:7.2f} s")
+    print(
+        f"  history insert (COPY + INSERT ON CONFLICT): "
+        f"{result.history_inserted / history:>10,.0f} rows/s"
+    )
+    print(
+        f"  balance upsert (COPY + upsert, {result.customers_updated:,} rows): "
+        f"{result.customers_updated / balances:>10,.0f} rows/s "
+        f"({events / balances:,.0f} events/s folded into balances)"
+    )
+    print(f"  whole apply_batch incl. commit: {events / total:,.0f} events/s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--customers", type=int, default=100_000)
+    args = parser.parse_args()
+
+    print(f"machine: {machine()}")
+    postgres = LocalPostgres(database="serving_bench").start()
+    try:
+        migrate(postgres.url)
+        for label, seed, shift in (
+            ("first batch, new customers", 7, 0),
+            ("second batch, existing customers", 8, 1),
+        ):
+            batch = accepted_batch(args.events, args.customers, seed=seed).with_columns(
+                pl.col("kafka_offset") + shift * (args.events // PARTITIONS + 1)
+            )
+            processed_up_to = dict(
+                batch.group_by("kafka_partition").agg(pl.col("kafka_offset").max() + 1).rows()
+            )
+            report(label, args.events, postgres.url, batch, processed_up_to)
+        everything = pl.concat(
+            [accepted_batch(args.events, args.customers, seed=s) for s in (7, 8)]
+        )
+        started = time.perf_counter()
+        replay = apply_batch(
+            postgres.url, batch, topic="bench", processed_up_to=processed_up_to, run_id="again"
+        )
+        print(
+            f"replay of the same batch: {replay.events_applied} applied, "
+            f"{replay.events_already_applied:,} already applied, "
+            f"{time.perf_counter() - started:.2f} s"
+        )
+        served = read_balances(postgres.url)
+        expected = everything["amount_usd"].sum()
+        served_total = served["current_balance"].cast(pl.Decimal(18, 2)).sum()
+        print(
+            f"balances sum {served_total}, batches {expected}, equal: {served_total == expected}"
+        )
+    finally:
+        postgres.stop()
+
+
+if __name__ == "__main__":
+    main()
