@@ -118,9 +118,7 @@ def main() -> None:
         served = read_balances(postgres.url)
         expected = everything["amount_usd"].sum()
         served_total = served["current_balance"].cast(pl.Decimal(18, 2)).sum()
-        print(
-            f"balances sum {served_total}, batches {expected}, equal: {served_total == expected}"
-        )
+        print(f"balances sum {served_total}, batches {expected}, equal: {served_total == expected}")
     finally:
         postgres.stop()
 
