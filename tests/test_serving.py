@@ -288,6 +288,76 @@ def test_postgres_restart_mid_batch_fails_clearly_and_the_retry_converges(
     )
 
 
+def test_postgres_crash_inside_the_balance_transaction_rolls_back_and_the_retry_converges(
+    pipeline: Pipeline, postgres
+):
+    """The server dies while the batch's transaction has already inserted history and is
+    waiting to upsert balances: nothing of it may survive, and the retry applies it once."""
+    instance = dg.DagsterInstance.ephemeral()
+    url = pipeline.settings.postgres_url
+    streams = [SyntheticBillingStream(seed=s, customers=40) for s in (71, 72)]
+    first, second = (list(s.records(600)) for s in streams)
+    pipeline.produce(first)
+    (request,), cursor, _ = evaluate_sensor(pipeline, instance, None)
+    assert materialize(pipeline, request, instance).success
+    pipeline.produce(second)
+    (request,), _, _ = evaluate_sensor(pipeline, instance, cursor)
+
+    # Hold every existing balance row, so the run's upsert waits inside its transaction.
+    blocker = psycopg2.connect(url)
+    blocker.cursor().execute("SELECT customer_id FROM customer_balances FOR UPDATE")
+    crashed = threading.Event()
+
+    def crash_while_the_upsert_waits() -> None:
+        watch = psycopg2.connect(url)
+        watch.autocommit = True
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                with watch.cursor() as cursor:
+                    cursor.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                        "AND query LIKE 'INSERT INTO customer_balances%%'"
+                    )
+                    waiting = cursor.fetchone()[0]
+                if waiting:
+                    break
+                time.sleep(0.05)
+            else:
+                blocker.close()  # let the run finish; the assertion below reports it
+                return
+        finally:
+            watch.close()
+        # History rows are in (uncommitted) at this point: check, then crash.
+        postgres.pause()
+        crashed.set()
+        threading.Timer(4.0, postgres.resume).start()
+
+    watcher = threading.Thread(target=crash_while_the_upsert_waits)
+    watcher.start()
+    try:
+        result = materialize(pipeline, request, instance)
+    finally:
+        watcher.join()
+        blocker.close()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not _reachable(url):
+            time.sleep(0.5)
+    assert crashed.is_set(), "the run never waited on the balance upsert"
+    assert result.success
+    retries = [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
+    assert retries, "the attempt inside the crashed transaction should have failed"
+
+    reference = SyntheticBillingStream().reference_data()
+    assert balances(url) == expected_balances(first + second, reference)
+    accepted = read_table(pipeline.lake, BILLING_EVENTS_TABLE)
+    with psycopg2.connect(url) as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT count(*), count(DISTINCT event_id) FROM transaction_history")
+        assert cursor.fetchone() == (accepted.height, accepted.height)
+        cursor.execute("SELECT sum(events_applied) FROM balance_batches")
+        assert cursor.fetchone()[0] == accepted.height
+
+
 def _reachable(url: str) -> bool:
     try:
         psycopg2.connect(url, connect_timeout=2).close()
