@@ -53,15 +53,20 @@ def _redacted(url: str) -> str:
     return url
 
 
+def _first_line(exc: Exception) -> str:
+    """psycopg2's messages run over several lines; the first one says what happened."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 @contextmanager
 def connect(url: str) -> Iterator[psycopg2.extensions.connection]:
     try:
         connection = psycopg2.connect(url, connect_timeout=10)
     except psycopg2.OperationalError as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ServingUnavailableError(
             f"cannot reach the serving Postgres at {_redacted(url)} (BILLING_POSTGRES_URL): "
-            f"{reason}"
+            f"{_first_line(exc)}"
         ) from None
     try:
         yield connection
@@ -246,10 +251,9 @@ def apply_batch(
             created = ensure_partitions(connection, months_of(accepted["created_at"]))
             return _apply_locked(connection, accepted, topic, processed_up_to, run_id, created)
     except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ServingUnavailableError(
             f"serving Postgres at {_redacted(url)} failed mid-batch, nothing was committed: "
-            f"{reason}"
+            f"{_first_line(exc)}"
         ) from None
 
 

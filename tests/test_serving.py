@@ -267,9 +267,7 @@ def test_postgres_restart_mid_batch_fails_clearly_and_the_retry_converges(
             pipeline, request, instance, resources={**pipeline.resources, "kafka": flaky}
         )
     finally:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not _reachable(pipeline.settings.postgres_url):
-            time.sleep(0.5)
+        wait_until_reachable(pipeline.settings.postgres_url)
     assert result.success
     retries = [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
     assert retries, "the first attempt should have failed while Postgres was down"
@@ -340,9 +338,7 @@ def test_postgres_crash_inside_the_balance_transaction_rolls_back_and_the_retry_
     finally:
         watcher.join()
         blocker.close()
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not _reachable(url):
-            time.sleep(0.5)
+        wait_until_reachable(url)
     assert crashed.is_set(), "the run never waited on the balance upsert"
     assert result.success
     retries = [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
@@ -358,12 +354,15 @@ def test_postgres_crash_inside_the_balance_transaction_rolls_back_and_the_retry_
         assert cursor.fetchone()[0] == accepted.height
 
 
-def _reachable(url: str) -> bool:
-    try:
-        psycopg2.connect(url, connect_timeout=2).close()
-        return True
-    except psycopg2.OperationalError:
-        return False
+def wait_until_reachable(url: str, timeout_s: float = 30) -> None:
+    """After a crash test: give the restarting server time, so later tests find it up."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            psycopg2.connect(url, connect_timeout=2).close()
+            return
+        except psycopg2.OperationalError:
+            time.sleep(0.5)
 
 
 def test_postgres_down_for_good_fails_with_one_clear_reason(pipeline: Pipeline):

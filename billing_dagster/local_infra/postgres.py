@@ -46,7 +46,10 @@ class LocalPostgres(LocalServer):
 
     @property
     def url(self) -> str:
-        return f"postgresql://{self.user}@127.0.0.1:{self.port}/{self.database}"
+        return self._url_of(self.database)
+
+    def _url_of(self, database: str) -> str:
+        return f"postgresql://{self.user}@127.0.0.1:{self.port}/{database}"
 
     def _run(self, *args: str) -> subprocess.CompletedProcess:
         command = [str(self.bindir / args[0]), *args[1:]]
@@ -73,9 +76,7 @@ class LocalPostgres(LocalServer):
             "--no-sync",
         )
         self._pg_ctl_start()
-        self._run(
-            "createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user, self.database
-        )
+        self.create_database(self.database)
         return self
 
     def _pg_ctl_start(self) -> None:
@@ -114,7 +115,7 @@ class LocalPostgres(LocalServer):
     def create_database(self, name: str) -> str:
         """A further empty database on this server; returns its URL."""
         self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user, name)
-        return f"postgresql://{self.user}@127.0.0.1:{self.port}/{name}"
+        return self._url_of(name)
 
     def pause(self) -> None:
         """Stop the server as a crash would (immediate), keeping its data and port."""
