@@ -1,6 +1,10 @@
 from __future__ import annotations
 
-from dagster import HourlyPartitionsDefinition
+from dagster import (
+    DailyPartitionsDefinition,
+    HourlyPartitionsDefinition,
+    MonthlyPartitionsDefinition,
+)
 
 
 def log_hour_partitions(start_date: str) -> HourlyPartitionsDefinition:
@@ -8,3 +12,12 @@ def log_hour_partitions(start_date: str) -> HourlyPartitionsDefinition:
     return HourlyPartitionsDefinition(
         start_date=f"{start_date}-00:00", timezone="UTC", end_offset=1
     )
+
+
+def day_partitions(start_date: str) -> DailyPartitionsDefinition:
+    """Event-time days (UTC); the newest partition is yesterday, the day to reconcile."""
+    return DailyPartitionsDefinition(start_date=start_date, timezone="UTC")
+
+
+def month_partitions(start_date: str) -> MonthlyPartitionsDefinition:
+    return MonthlyPartitionsDefinition(start_date=start_date[:8] + "01", timezone="UTC")

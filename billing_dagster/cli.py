@@ -216,5 +216,101 @@ def migrate() -> None:
     )
 
 
+def _date(ctx: click.Context, param: click.Parameter, value: str | None):
+    from datetime import date
+
+    if value is None:
+        return None
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"must be a date like 2024-12-15, got '{value}'") from None
+
+
+def _analytics():
+    from billing_dagster.definitions import build_resources
+
+    return build_resources(load_settings())["analytics"]
+
+
+@main.command()
+def aggregate() -> None:
+    """Bring hourly_revenue, daily_revenue and customer_metrics up to billing_events now
+    (every ingest run does this; useful after repairing the lake)."""
+    from billing_dagster.aggregates import refresh_aggregates
+
+    refresh = refresh_aggregates(_lake(), allowed_lateness=_analytics().allowed_lateness())
+    if not refresh.changed:
+        click.echo("aggregates are current")
+        return
+    days = ", ".join(d.isoformat() for d in refresh.days)
+    click.echo(
+        f"recomputed {len(refresh.days)} day(s) ({days}) to billing_events version "
+        f"{refresh.source_version}; {refresh.late_events} late events absorbed"
+    )
+
+
+@main.command()
+@click.option(
+    "--date",
+    "day",
+    required=True,
+    callback=_date,
+    help="The event-time day (UTC) to reconcile, e.g. 2024-12-15.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def reconcile(day, as_json: bool) -> None:
+    """Reconcile one day's real-time revenue against the raw lake; exit 1 on a mismatch.
+    Results replace the day's rows in reconciliation/daily and reconciliation/discrepancies."""
+    import json
+
+    from billing_dagster.enrichment import load_reference_data
+    from billing_dagster.reconciliation import reconcile_day, write_reconciliation
+
+    lake = _lake()
+    result = reconcile_day(
+        lake, day, load_reference_data(lake), tolerance_pct=_analytics().tolerance_pct()
+    )
+    write_reconciliation(lake, result)
+    if as_json:
+        click.echo(json.dumps({"date": day.isoformat(), **result.metadata()}, indent=2))
+    else:
+        for row in result.summary.iter_rows(named=True):
+            pct = row["discrepancy_pct"]
+            click.echo(
+                f"{row['scope']:<9} {row['key']:<4} realtime {row['realtime_net']:>16} "
+                f"batch {row['batch_net']:>16}  "
+                + ("unbounded" if pct is None else f"{pct:.3f}%")
+                + ("" if row["within_tolerance"] else "  BEYOND TOLERANCE")
+            )
+        events = result.metadata()["differing_events"]
+        click.echo(
+            f"{day}: {result.status}"
+            + (f"; differing events: {', '.join(events)}" if events else "")
+        )
+    if result.status == "mismatch":
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--month", required=True, help="The month, e.g. 2024-12.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def report(month: str, as_json: bool) -> None:
+    """The month-end reconciliation report (also written to reconciliation/monthly)."""
+    from billing_dagster.enrichment import load_reference_data
+    from billing_dagster.monthly_report import monthly_report, parse_month, write_monthly_report
+
+    try:
+        first_day = parse_month(month)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--month") from None
+    lake = _lake()
+    result = monthly_report(
+        lake, first_day, load_reference_data(lake), tolerance_pct=_analytics().tolerance_pct()
+    )
+    write_monthly_report(lake, result)
+    click.echo(result.to_json() if as_json else result.to_text())
+
+
 if __name__ == "__main__":
     main()

@@ -212,3 +212,74 @@ AVRO_SCHEMA_V1: dict[str, object] = {
     "version": "1.0.0",
     "fields": [f for f in AVRO_SCHEMA_V2["fields"] if f["name"] != "tax_amount"],  # type: ignore[union-attr, index]
 }
+
+# ---- aggregates and reconciliation (aggregated/, reconciliation/ in the lake) -----------
+
+#: Sums of Decimal(12,2) amounts: same scale, more integer digits, so a day's total of
+#: millions of events never overflows. Still exact decimals, never floats.
+MONEY_TOTAL = pl.Decimal(18, 2)
+
+#: Partition columns of the daily aggregates, as in aggregated/daily_revenue/year=/month=/day=.
+DAY_PARTITIONS: tuple[str, ...] = ("year", "month", "day")
+
+HOURLY_REVENUE_TABLE = "aggregated/hourly_revenue"
+DAILY_REVENUE_TABLE = "aggregated/daily_revenue"
+CUSTOMER_METRICS_TABLE = "aggregated/customer_metrics"
+RECONCILIATION_TABLE = "reconciliation/daily"
+DISCREPANCIES_TABLE = "reconciliation/discrepancies"
+MONTHLY_REPORT_TABLE = "reconciliation/monthly"
+
+_DAY_COLUMNS: dict[str, pl.DataType] = {name: pl.Int32() for name in DAY_PARTITIONS}
+
+#: The reference design's Flink SQL: payments only, tumbling event-time hours by currency.
+HOURLY_REVENUE_SCHEMA: dict[str, pl.DataType] = {
+    "window_start": pl.Datetime("us", "UTC"),
+    "window_end": pl.Datetime("us", "UTC"),
+    "currency": pl.String(),
+    "total_revenue": MONEY_TOTAL,
+    "total_revenue_usd": MONEY_TOTAL,
+    "transaction_count": pl.Int64(),
+    #: Payments in this hour that arrived behind the watermark (after the hour had closed).
+    "late_event_count": pl.Int64(),
+    "updated_at": pl.Datetime("us", "UTC"),
+    **_DAY_COLUMNS,
+}
+
+#: Per event-time day and currency; amounts in the event currency and in USD. Refunds and
+#: chargebacks are negative (as in the events), so net = the sum of all four.
+DAILY_REVENUE_SCHEMA: dict[str, pl.DataType] = {
+    "revenue_date": pl.Date(),
+    "currency": pl.String(),
+    "gross_revenue": MONEY_TOTAL,
+    "refunds": MONEY_TOTAL,
+    "chargebacks": MONEY_TOTAL,
+    "adjustments": MONEY_TOTAL,
+    "net_revenue": MONEY_TOTAL,
+    "gross_revenue_usd": MONEY_TOTAL,
+    "net_revenue_usd": MONEY_TOTAL,
+    "payment_count": pl.Int64(),
+    "refund_count": pl.Int64(),
+    "chargeback_count": pl.Int64(),
+    "adjustment_count": pl.Int64(),
+    "transaction_count": pl.Int64(),
+    "updated_at": pl.Datetime("us", "UTC"),
+    **_DAY_COLUMNS,
+}
+
+#: Per customer per event-time day, in USD (the balance currency).
+CUSTOMER_METRICS_SCHEMA: dict[str, pl.DataType] = {
+    "metric_date": pl.Date(),
+    "customer_id": pl.Int64(),
+    "payments_usd": MONEY_TOTAL,
+    "refunds_usd": MONEY_TOTAL,
+    "chargebacks_usd": MONEY_TOTAL,
+    "adjustments_usd": MONEY_TOTAL,
+    "net_usd": MONEY_TOTAL,
+    "payment_count": pl.Int64(),
+    "refund_count": pl.Int64(),
+    "chargeback_count": pl.Int64(),
+    "adjustment_count": pl.Int64(),
+    "transaction_count": pl.Int64(),
+    "updated_at": pl.Datetime("us", "UTC"),
+    **_DAY_COLUMNS,
+}

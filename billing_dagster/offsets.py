@@ -260,3 +260,15 @@ def plan_sensor_tick(
         for chunk in chunk_batch(batch, max_records_per_run)
     ]
     return TickPlan(tuple(batches), requested, recovering, origins)
+
+
+def consumer_lag(
+    watermarks: Mapping[int, tuple[int, int]], committed: Mapping[int, int | None]
+) -> dict[int, int]:
+    """Records per partition not yet processed into the lake: end offset less the lake's
+    next offset (the first retained offset where the lake has never seen the partition)."""
+    lag = {}
+    for partition, (low, high) in watermarks.items():
+        mark = committed.get(partition)
+        lag[partition] = max(0, high - (low if mark is None else max(mark, low)))
+    return lag

@@ -373,7 +373,7 @@ def read_balances(url: str) -> pl.DataFrame:
     """customer_balances as a frame, exact decimals (tests, the CLI, reconciliation)."""
     with connect(url) as connection, connection.cursor() as cursor:
         cursor.execute(
-            "SELECT customer_id, current_balance::text, currency, version "
+            "SELECT customer_id, current_balance::text, currency, last_updated, version "
             "FROM customer_balances ORDER BY customer_id"
         )
         rows = cursor.fetchall()
@@ -383,6 +383,7 @@ def read_balances(url: str) -> pl.DataFrame:
             "customer_id": pl.Int64,
             "current_balance": pl.String,
             "currency": pl.String,
+            "last_updated": pl.Datetime("us", "UTC"),
             "version": pl.Int64,
         },
         orient="row",

@@ -10,6 +10,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 
@@ -38,6 +39,14 @@ class Settings:
     supported_currencies: tuple[str, ...]
     max_future_skew_s: int
     postgres_url: str
+    late_event_watermark_s: float
+    reconciliation_tolerance_pct: Decimal
+    alert_webhook_url: str | None
+    runbook_base_url: str
+    cdc_status_url: str | None
+    lag_alert_threshold: int
+    validation_alert_pct: Decimal
+    alerts_interval_s: int
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
@@ -152,6 +161,37 @@ def _postgres_url(env: Mapping[str, str], name: str) -> str:
     return raw
 
 
+def _percent(env: Mapping[str, str], name: str, default: str) -> Decimal:
+    raw = env.get(name, "").strip() or default
+    try:
+        value = Decimal(raw.rstrip("%"))
+    except InvalidOperation:
+        raise ConfigError(f"{name} must be a percentage like {default}, got '{raw}'") from None
+    if not value.is_finite() or value < 0 or value > 100:
+        raise ConfigError(f"{name} must be between 0 and 100 (percent), got '{raw}'")
+    return value
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of seconds, got '{raw}'") from None
+    if value < 0:
+        raise ConfigError(f"{name} must not be negative, got {raw}")
+    return value
+
+
+def _http_url(env: Mapping[str, str], name: str) -> str | None:
+    raw = env.get(name, "").strip()
+    if raw and not raw.startswith(("http://", "https://")):
+        raise ConfigError(f"{name} must be an http(s):// URL, got '{raw}'")
+    return raw or None
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
     topic = env.get("BILLING_TOPIC", "").strip() or "billing-events"
@@ -187,4 +227,14 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         supported_currencies=_currencies(env, "BILLING_SUPPORTED_CURRENCIES"),
         max_future_skew_s=_int(env, "BILLING_MAX_FUTURE_SKEW_SECONDS", 900),
         postgres_url=_postgres_url(env, "BILLING_POSTGRES_URL"),
+        late_event_watermark_s=_seconds(env, "BILLING_LATE_EVENT_WATERMARK_SECONDS", 5.0),
+        reconciliation_tolerance_pct=_percent(
+            env, "BILLING_RECONCILIATION_TOLERANCE_PERCENT", "0.1"
+        ),
+        alert_webhook_url=_http_url(env, "BILLING_ALERT_WEBHOOK_URL"),
+        runbook_base_url=env.get("BILLING_RUNBOOK_BASE_URL", "").strip() or "docs/runbooks/",
+        cdc_status_url=_http_url(env, "BILLING_CDC_STATUS_URL"),
+        lag_alert_threshold=_int(env, "BILLING_LAG_ALERT_THRESHOLD", 10_000),
+        validation_alert_pct=_percent(env, "BILLING_VALIDATION_ALERT_PERCENT", "0.01"),
+        alerts_interval_s=_int(env, "BILLING_ALERTS_INTERVAL_SECONDS", 30),
     )

@@ -1,5 +1,8 @@
-"""Great Expectations suites for billing_events, balances and aggregates live here.
+"""Great Expectations suites, one JSON file per dataset, versioned with the code.
 
-They arrive with the data-quality issue; the decode-level contract is enforced today by
-billing_dagster/rules.py and quarantine/.
+Loaded by billing_dagster/quality.py and run as Dagster asset checks.
 """
+
+from pathlib import Path
+
+SUITES_DIR = Path(__file__).parent

@@ -1,5 +1,6 @@
 """Dagster resources: configuration plus a handle to one external system each."""
 
+from resources.analytics import RevenueAnalyticsResource
 from resources.kafka import KafkaResource
 from resources.lake import DeltaLakeResource
 from resources.postgres import PostgresServingResource
@@ -10,4 +11,5 @@ __all__ = [
     "DeltaLakeResource",
     "KafkaResource",
     "PostgresServingResource",
+    "RevenueAnalyticsResource",
 ]

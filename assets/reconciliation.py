@@ -1,0 +1,128 @@
+"""daily_reconciliation (scheduled for the previous day) and the month-end report."""
+
+from collections.abc import Iterator
+from datetime import UTC, date, datetime
+
+import dagster as dg
+
+from assets.ingest import RAW_BILLING_EVENTS
+from billing_dagster.contract import DISCREPANCIES_TABLE, MONTHLY_REPORT_TABLE, RECONCILIATION_TABLE
+from billing_dagster.enrichment import ReferenceDataError, load_reference_data
+from billing_dagster.monthly_report import monthly_report, write_monthly_report
+from billing_dagster.reconciliation import reconcile_day, write_reconciliation
+from resources import DeltaLakeResource, RevenueAnalyticsResource
+
+DAILY_RECONCILIATION = dg.AssetKey("daily_reconciliation")
+MONTHLY_REPORT = dg.AssetKey("monthly_reconciliation_report")
+WITHIN_TOLERANCE = "within_tolerance"
+
+
+def _reference(lake: DeltaLakeResource):
+    try:
+        return load_reference_data(lake.location())
+    except ReferenceDataError as exc:
+        raise dg.Failure(str(exc), allow_retries=False) from exc
+
+
+def build_reconciliation_assets(
+    daily: dg.DailyPartitionsDefinition, monthly: dg.MonthlyPartitionsDefinition
+) -> list[dg.AssetsDefinition]:
+    @dg.asset(
+        key=DAILY_RECONCILIATION,
+        partitions_def=daily,
+        group_name="reconciliation",
+        deps=["daily_revenue", "customer_metrics", RAW_BILLING_EVENTS],
+        kinds={"polars", "delta"},
+        description=(
+            "Real-time revenue (daily_revenue per currency, customer_metrics per customer) "
+            "against a batch recomputation of the day from raw/ (deliveries less quarantine, "
+            "once per event_id). Results in reconciliation/daily; every differing currency "
+            "or customer, with the events behind it, in reconciliation/discrepancies."
+        ),
+        metadata={"lake_table": RECONCILIATION_TABLE, "discrepancies_table": DISCREPANCIES_TABLE},
+        check_specs=[
+            dg.AssetCheckSpec(
+                WITHIN_TOLERANCE,
+                asset=DAILY_RECONCILIATION,
+                description="Every currency and customer within the reconciliation tolerance.",
+            )
+        ],
+    )
+    def daily_reconciliation(
+        context: dg.AssetExecutionContext,
+        lake: DeltaLakeResource,
+        analytics: RevenueAnalyticsResource,
+    ) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
+        day = date.fromisoformat(context.partition_key)
+        location = lake.location()
+        result = reconcile_day(
+            location,
+            day,
+            _reference(lake),
+            tolerance_pct=analytics.tolerance_pct(),
+            run_id=context.run.run_id,
+            now=datetime.now(UTC),
+        )
+        write_reconciliation(location, result)
+        metadata = result.metadata()
+        if not result.within_tolerance:
+            context.log.error(
+                f"{day}: reconciliation mismatch, worst {metadata['max_discrepancy_pct']}% "
+                f"(tolerance {result.tolerance_pct}%); see {DISCREPANCIES_TABLE}"
+            )
+        yield dg.MaterializeResult(
+            metadata={
+                **{
+                    k: dg.MetadataValue.json(v) if isinstance(v, dict | list) else v
+                    for k, v in metadata.items()
+                },
+                "dagster/row_count": result.summary.height,
+            }
+        )
+        yield dg.AssetCheckResult(
+            check_name=WITHIN_TOLERANCE,
+            passed=result.within_tolerance,
+            severity=dg.AssetCheckSeverity.ERROR,
+            metadata={
+                "max_discrepancy_pct": metadata["max_discrepancy_pct"],
+                "tolerance_pct": metadata["tolerance_pct"],
+                "customers_beyond_tolerance": result.customers_beyond_tolerance,
+                "differing_events": dg.MetadataValue.json(metadata["differing_events"]),
+            },
+        )
+
+    @dg.asset(
+        key=MONTHLY_REPORT,
+        partitions_def=monthly,
+        group_name="reconciliation",
+        deps=[DAILY_RECONCILIATION],
+        kinds={"polars", "delta"},
+        description=(
+            "Month-end reconciliation: totals per currency (real-time against batch), days "
+            "reconciled and beyond tolerance, discrepancy rows, quarantined events by rule. "
+            "Delta: reconciliation/monthly; also `billing-dagster report --month`."
+        ),
+        metadata={"lake_table": MONTHLY_REPORT_TABLE},
+    )
+    def monthly_reconciliation_report(
+        context: dg.AssetExecutionContext,
+        lake: DeltaLakeResource,
+        analytics: RevenueAnalyticsResource,
+    ) -> dg.MaterializeResult:
+        month = date.fromisoformat(context.partition_key)
+        report = monthly_report(
+            lake.location(), month, _reference(lake), tolerance_pct=analytics.tolerance_pct()
+        )
+        write_monthly_report(lake.location(), report)
+        context.log.info("\n" + report.to_text())
+        return dg.MaterializeResult(
+            metadata={
+                "status": "reconciled" if report.within_tolerance else "mismatch",
+                "report": dg.MetadataValue.md("```\n" + report.to_text() + "\n```"),
+                "days_beyond_tolerance": len(report.days_beyond_tolerance),
+                "days_not_reconciled": len(report.days_not_reconciled),
+                "quarantined": report.quarantined,
+            }
+        )
+
+    return [daily_reconciliation, monthly_reconciliation_report]
