@@ -11,7 +11,7 @@ from decimal import Decimal
 import dagster as dg
 import polars as pl
 import pytest
-from deltalake import DeltaTable
+from deltalake import DeltaTable, write_deltalake
 
 from billing_dagster.aggregates import refresh_aggregates
 from billing_dagster.contract import (
@@ -237,3 +237,53 @@ def test_reconciling_a_day_without_events_reports_no_data(pipeline: Pipeline, in
     assert check_passed(result, "within_tolerance")
     (materialization,) = result.asset_materializations_for_node("daily_reconciliation")
     assert materialization.metadata["status"].value == "no_data"
+
+
+def test_a_failing_billing_events_check_blocks_the_aggregates_of_its_run(
+    pipeline: Pipeline, instance: dg.DagsterInstance
+):
+    records = a_day_of_events(50)
+    pipeline.produce(records)
+    run_ingest(pipeline, instance)
+    before = read_table(pipeline.lake, DAILY_REVENUE_TABLE).drop("updated_at")
+
+    # Corrupt billing_events behind the pipeline's back: a second row for an accepted event.
+    events = read_table(pipeline.lake, BILLING_EVENTS_TABLE)
+    victim = events.sort("created_at").row(-1, named=True)
+    copy = events.filter(pl.col("event_id") == victim["event_id"]).with_columns(
+        kafka_offset=pl.col("kafka_offset") + 1_000_000
+    )
+    write_deltalake(pipeline.lake.table_uri(BILLING_EVENTS_TABLE), copy.to_arrow(), mode="append")
+
+    # A new event in the same hour: the run ingests it, the check sees the duplicate.
+    stream = SyntheticBillingStream(seed=99, customers=300, invalid_rate=0, duplicate_rate=0)
+    pipeline.produce(list(stream.records(1, now=victim["created_at"])))
+    job = pipeline.defs.resolve_job_def("ingest_billing_events")
+    requests, _, _ = evaluate_sensor(pipeline, instance, None)
+    (request,) = requests
+    result = job.execute_in_process(
+        run_config=request.run_config,
+        partition_key=request.partition_key,
+        instance=instance,
+        raise_on_error=False,
+    )
+    assert not result.success
+    evaluation = next(
+        e.event_specific_data
+        for e in result.all_events
+        if e.event_type_value == "ASSET_CHECK_EVALUATION"
+        and e.event_specific_data.asset_key == dg.AssetKey("billing_events")
+    )
+    assert not evaluation.passed
+    failed = evaluation.metadata["failed"].value
+    assert [f["expectation"] for f in failed] == ["expect_column_values_to_be_unique"]
+    assert {r["event_id"] for r in failed[0]["sample_rows"]} == {victim["event_id"]}
+    materialized = {
+        e.asset_key.to_user_string()
+        for e in result.all_events
+        if e.event_type_value == "ASSET_MATERIALIZATION"
+    }
+    assert "billing_events" in materialized
+    assert not materialized & {"hourly_revenue", "daily_revenue", "customer_metrics"}
+    after = read_table(pipeline.lake, DAILY_REVENUE_TABLE).drop("updated_at")
+    assert after.sort("currency").equals(before.sort("currency"))
