@@ -17,6 +17,8 @@ import polars as pl
 import psycopg2
 import pytest
 
+from billing_dagster.aggregates import refresh_aggregates
+from billing_dagster.delta_lake import LakeLocation
 from billing_dagster.local_infra.process import free_port, port_open
 
 SUCCESSFUL_RUNS = """
@@ -128,3 +130,11 @@ def test_demo_runs_the_pipeline_in_the_ui_and_stops_cleanly(tmp_path: Path, brok
     assert events.height > 0
     assert events["amount_usd"].null_count() == 0
     assert events["event_id"].n_unique() == events.height
+    # The ingest runs refreshed the revenue aggregates; after catching up a run the stop
+    # may have cut short, they hold exactly the accepted events' money.
+    daily_path = state / "lake" / "aggregated" / "daily_revenue"
+    assert pl.read_delta(str(daily_path)).height > 0
+    refresh_aggregates(LakeLocation(str(state / "lake")))
+    daily = pl.read_delta(str(daily_path))
+    assert daily["net_revenue_usd"].sum() == events["amount_usd"].sum()
+    assert daily["transaction_count"].sum() == events.height

@@ -287,3 +287,23 @@ def test_a_failing_billing_events_check_blocks_the_aggregates_of_its_run(
     assert not materialized & {"hourly_revenue", "daily_revenue", "customer_metrics"}
     after = read_table(pipeline.lake, DAILY_REVENUE_TABLE).drop("updated_at")
     assert after.sort("currency").equals(before.sort("currency"))
+
+
+def test_aggregates_and_reconciliation_on_an_s3_lake(s3_pipeline: Pipeline):
+    records = a_day_of_events(300)
+    with dg.instance_for_test() as instance:
+        s3_pipeline.produce(records[:150])
+        run_ingest(s3_pipeline, instance)
+        s3_pipeline.produce(records[150:])  # a second batch: the incremental path on S3
+        run_ingest(s3_pipeline, instance)
+        assert s3_pipeline.lake.root.startswith("s3://")
+        daily = read_table(s3_pipeline.lake, DAILY_REVENUE_TABLE).filter(
+            pl.col("revenue_date") == DAY
+        )
+        expected = expected_by_currency(records)
+        assert {r["currency"]: r["net_revenue"] for r in daily.iter_rows(named=True)} == {
+            c: t["net"] for c, t in expected.items()
+        }
+        result = reconcile(s3_pipeline, instance)
+        assert result.success and check_passed(result, "within_tolerance")
+        assert read_table(s3_pipeline.lake, DISCREPANCIES_TABLE).is_empty()
