@@ -155,57 +155,72 @@ def hourly_revenue(
     )
 
 
+#: Counts per transaction type, the same in daily_revenue and customer_metrics.
+_TYPE_COUNTS = {
+    "payment_count": "PAYMENT",
+    "refund_count": "REFUND",
+    "chargeback_count": "CHARGEBACK",
+    "adjustment_count": "ADJUSTMENT",
+}
+
+
+def _breakdown(
+    events: pl.DataFrame,
+    keys: dict[str, pl.Expr | str],
+    sums: dict[str, pl.Expr],
+    schema: dict[str, pl.DataType],
+    day_column: str,
+    now: datetime,
+) -> pl.DataFrame:
+    """Group by `keys`, sum `sums`, count per type, stamp and conform to `schema`."""
+    counts = {name: _count_of(kind) for name, kind in _TYPE_COUNTS.items()}
+    grouped = events.group_by(**keys).agg(
+        **sums, **counts, transaction_count=pl.len().cast(pl.Int64)
+    )
+    grouped = grouped.with_columns(updated_at=pl.lit(now, pl.Datetime("us", "UTC")))
+    return _with_day_columns(grouped, day_column).select(list(schema)).cast(schema)  # type: ignore[arg-type]
+
+
 def daily_revenue(events: pl.DataFrame, *, now: datetime) -> pl.DataFrame:
     """Per event-time day and currency: gross (payments), refunds, chargebacks, adjustments
     and net, in the event currency and in USD, with counts per type."""
-    days = events.group_by(revenue_date=pl.col("created_at").dt.date(), currency="currency").agg(
-        gross_revenue=_total(_of_type("amount", "PAYMENT")),
-        refunds=_total(_of_type("amount", "REFUND")),
-        chargebacks=_total(_of_type("amount", "CHARGEBACK")),
-        adjustments=_total(_of_type("amount", "ADJUSTMENT")),
-        net_revenue=_total(pl.col("amount")),
-        gross_revenue_usd=_total(_of_type("amount_usd", "PAYMENT")),
-        net_revenue_usd=_total(pl.col("amount_usd")),
-        payment_count=_count_of("PAYMENT"),
-        refund_count=_count_of("REFUND"),
-        chargeback_count=_count_of("CHARGEBACK"),
-        adjustment_count=_count_of("ADJUSTMENT"),
-        transaction_count=pl.len().cast(pl.Int64),
-    )
-    days = days.with_columns(updated_at=pl.lit(now, pl.Datetime("us", "UTC")))
-    return (
-        _with_day_columns(days, "revenue_date")
-        .select(list(DAILY_REVENUE_SCHEMA))
-        .cast(
-            DAILY_REVENUE_SCHEMA  # type: ignore[arg-type]
-        )
+    return _breakdown(
+        events,
+        {"revenue_date": pl.col("created_at").dt.date(), "currency": "currency"},
+        {
+            "gross_revenue": _total(_of_type("amount", "PAYMENT")),
+            "refunds": _total(_of_type("amount", "REFUND")),
+            "chargebacks": _total(_of_type("amount", "CHARGEBACK")),
+            "adjustments": _total(_of_type("amount", "ADJUSTMENT")),
+            "net_revenue": _total(pl.col("amount")),
+            "gross_revenue_usd": _total(_of_type("amount_usd", "PAYMENT")),
+            "net_revenue_usd": _total(pl.col("amount_usd")),
+        },
+        DAILY_REVENUE_SCHEMA,
+        "revenue_date",
+        now,
     )
 
 
 def customer_metrics(events: pl.DataFrame, *, now: datetime) -> pl.DataFrame:
     """Per customer per event-time day, in USD: payments, refunds, chargebacks,
     adjustments, net, and counts."""
-    metrics = events.group_by(
-        metric_date=pl.col("created_at").dt.date(), customer_id="customer_id"
-    ).agg(
-        payments_usd=_total(_of_type("amount_usd", "PAYMENT")),
-        refunds_usd=_total(_of_type("amount_usd", "REFUND")),
-        chargebacks_usd=_total(_of_type("amount_usd", "CHARGEBACK")),
-        adjustments_usd=_total(_of_type("amount_usd", "ADJUSTMENT")),
-        net_usd=_total(pl.col("amount_usd")),
-        payment_count=_count_of("PAYMENT"),
-        refund_count=_count_of("REFUND"),
-        chargeback_count=_count_of("CHARGEBACK"),
-        adjustment_count=_count_of("ADJUSTMENT"),
-        transaction_count=pl.len().cast(pl.Int64),
-    )
-    metrics = metrics.with_columns(updated_at=pl.lit(now, pl.Datetime("us", "UTC")))
-    return (
-        _with_day_columns(metrics, "metric_date")
-        .select(list(CUSTOMER_METRICS_SCHEMA))
-        .cast(
-            CUSTOMER_METRICS_SCHEMA  # type: ignore[arg-type]
-        )
+    return _breakdown(
+        events,
+        {"metric_date": pl.col("created_at").dt.date(), "customer_id": "customer_id"},
+        {
+            f"{name}_usd": _total(_of_type("amount_usd", kind))
+            for name, kind in (
+                ("payments", "PAYMENT"),
+                ("refunds", "REFUND"),
+                ("chargebacks", "CHARGEBACK"),
+                ("adjustments", "ADJUSTMENT"),
+            )
+        }
+        | {"net_usd": _total(pl.col("amount_usd"))},
+        CUSTOMER_METRICS_SCHEMA,
+        "metric_date",
+        now,
     )
 
 

@@ -62,7 +62,7 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> i
     return value
 
 
-def _float(env: Mapping[str, str], name: str, default: float) -> float:
+def _float(env: Mapping[str, str], name: str, default: float, *, allow_zero: bool = False) -> float:
     raw = env.get(name, "").strip()
     if not raw:
         return default
@@ -70,8 +70,10 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         raise ConfigError(f"{name} must be a number of seconds, got '{raw}'") from None
-    if value <= 0:
-        raise ConfigError(f"{name} must be positive, got {raw}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(
+            f"{name} must be {'zero or more' if allow_zero else 'positive'}, got {raw}"
+        )
     return value
 
 
@@ -172,19 +174,6 @@ def _percent(env: Mapping[str, str], name: str, default: str) -> Decimal:
     return value
 
 
-def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a number of seconds, got '{raw}'") from None
-    if value < 0:
-        raise ConfigError(f"{name} must not be negative, got {raw}")
-    return value
-
-
 def _http_url(env: Mapping[str, str], name: str) -> str | None:
     raw = env.get(name, "").strip()
     if raw and not raw.startswith(("http://", "https://")):
@@ -227,7 +216,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         supported_currencies=_currencies(env, "BILLING_SUPPORTED_CURRENCIES"),
         max_future_skew_s=_int(env, "BILLING_MAX_FUTURE_SKEW_SECONDS", 900),
         postgres_url=_postgres_url(env, "BILLING_POSTGRES_URL"),
-        late_event_watermark_s=_seconds(env, "BILLING_LATE_EVENT_WATERMARK_SECONDS", 5.0),
+        late_event_watermark_s=_float(
+            env, "BILLING_LATE_EVENT_WATERMARK_SECONDS", 5.0, allow_zero=True
+        ),
         reconciliation_tolerance_pct=_percent(
             env, "BILLING_RECONCILIATION_TOLERANCE_PERCENT", "0.1"
         ),

@@ -21,6 +21,8 @@ from billing_dagster.producer import make_producer, produce_records
 from billing_dagster.settings import load_settings
 from billing_dagster.synthetic import GeneratedRecord, SyntheticBillingStream
 
+from .http_endpoint import Endpoint
+
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
@@ -132,3 +134,11 @@ def s3_pipeline(kafka: ApacheKafka, topic: str, s3: MotoS3, serving_url: str) ->
             AWS_SECRET_ACCESS_KEY=SECRET_KEY,
         )
     )
+
+
+@pytest.fixture
+def endpoint() -> Iterator[Endpoint]:
+    """A real HTTP server on loopback (webhook receiver, connector status page)."""
+    server = Endpoint()
+    yield server
+    server.server.shutdown()

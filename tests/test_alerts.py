@@ -3,13 +3,9 @@ over real HTTP on loopback."""
 
 from __future__ import annotations
 
-import json
 import logging
 import socket
-import threading
-from collections.abc import Iterator
 from decimal import Decimal
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -29,6 +25,8 @@ from billing_dagster.alerts import (
     validation_failure_rate_alert,
 )
 from billing_dagster.offsets import consumer_lag
+
+from .http_endpoint import Endpoint
 
 
 @pytest.mark.parametrize(
@@ -90,46 +88,6 @@ def test_transitions_fire_once_and_resolve_once():
     assert [a.firing for a in transitions(state, quiet)] == [False]
     assert transitions(load_state(dump_state(quiet)), quiet) == []
     assert load_state("not json") == {}
-
-
-class Endpoint:
-    """A real HTTP server on loopback: records POSTs, answers GETs with `reply`."""
-
-    def __init__(self) -> None:
-        self.posts: list[tuple[str, dict, str]] = []
-        self.reply: tuple[int, object] = (200, {})
-        endpoint = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                endpoint.posts.append((self.path, json.loads(body), self.headers["Content-Type"]))
-                self.send_response(200)
-                self.end_headers()
-
-            def do_GET(self) -> None:
-                status, payload = endpoint.reply
-                body = (
-                    payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
-                )
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-
-@pytest.fixture
-def endpoint() -> Iterator[Endpoint]:
-    e = Endpoint()
-    yield e
-    e.server.shutdown()
 
 
 def closed_port_url() -> str:

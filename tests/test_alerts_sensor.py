@@ -3,80 +3,33 @@ webhook receiver on loopback: each alert fires on its condition, once, and resol
 
 from __future__ import annotations
 
-import json
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
 import dagster as dg
 import pytest
 
 from billing_dagster.synthetic import SyntheticBillingStream
 
 from .conftest import Pipeline, pipeline_env
+from .http_endpoint import Endpoint, connect_status
 from .test_reconciliation import reconcile, run_ingest
 
 
-class Receiver:
-    """A webhook endpoint and a fake-free CDC status endpoint, over real HTTP."""
-
-    def __init__(self) -> None:
-        self.posts: list[dict] = []
-        self.connector_state = "RUNNING"
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                receiver.posts.append(json.loads(body))
-                self.send_response(204)
-                self.end_headers()
-
-            def do_GET(self) -> None:
-                state = receiver.connector_state
-                body = json.dumps(
-                    {
-                        "name": "billing-cdc",
-                        "connector": {"state": state, "worker_id": "127.0.0.1:8083"},
-                        "tasks": [{"id": 0, "state": state, "worker_id": "127.0.0.1:8083"}],
-                    }
-                ).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def take(self) -> dict[str, str]:
-        """{alert: status} of the notifications received since the last take."""
-        posts, self.posts = self.posts, []
-        return {p["alert"]: p["status"] for p in posts}
+def notifications(endpoint: Endpoint) -> dict[str, str]:
+    """{alert: status} of the webhook posts received since the last call."""
+    posts, endpoint.posts[:] = list(endpoint.posts), []
+    return {body["alert"]: body["status"] for _, body, _ in posts}
 
 
 @pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    r = Receiver()
-    yield r
-    r.server.shutdown()
-
-
-@pytest.fixture
-def alerting_pipeline(kafka, topic, lake_root, serving_url, receiver: Receiver) -> Pipeline:
+def alerting_pipeline(kafka, topic, lake_root, serving_url, endpoint: Endpoint) -> Pipeline:
+    endpoint.reply = connect_status("RUNNING")
     return Pipeline(
         pipeline_env(
             kafka,
             topic,
             lake_root,
             serving_url,
-            BILLING_ALERT_WEBHOOK_URL=f"{receiver.url}/hooks/billing",
-            BILLING_CDC_STATUS_URL=f"{receiver.url}/connectors/billing-cdc/status",
+            BILLING_ALERT_WEBHOOK_URL=f"{endpoint.url}/hooks/billing",
+            BILLING_CDC_STATUS_URL=f"{endpoint.url}/connectors/billing-cdc/status",
             BILLING_RUNBOOK_BASE_URL="https://runbooks.example/billing/",
             BILLING_LAG_ALERT_THRESHOLD="1000",
         )
@@ -98,28 +51,28 @@ class AlertsSensor:
 
 
 def test_each_alert_fires_on_its_condition_once_and_resolves(
-    alerting_pipeline: Pipeline, receiver: Receiver
+    alerting_pipeline: Pipeline, endpoint: Endpoint
 ):
     pipeline = alerting_pipeline
     with dg.instance_for_test() as instance:
         sensor = AlertsSensor(pipeline, instance)
         assert sensor.tick() == "all alerts quiet"
-        assert receiver.take() == {}
+        assert notifications(endpoint) == {}
 
         # 1,500 records waiting, threshold 1,000: lag fires, with a runbook link.
         stream = SyntheticBillingStream(seed=3, invalid_rate=0.0, duplicate_rate=0.0)
         pipeline.produce(list(stream.records(1_500)))
         assert "High Billing Event Lag" in sensor.tick()
-        (post,) = receiver.posts
+        ((_, post, _),) = endpoint.posts
         assert post["runbook"].startswith("https://runbooks.example/billing/")
-        assert receiver.take() == {"consumer_lag": "firing"}
+        assert notifications(endpoint) == {"consumer_lag": "firing"}
         sensor.tick()
-        assert receiver.take() == {}  # still firing: no second notification
+        assert notifications(endpoint) == {}  # still firing: no second notification
 
         # Processed: lag resolves. All valid: the validation rate stays quiet.
         run_ingest(pipeline, instance)
         assert sensor.tick() == "all alerts quiet"
-        assert receiver.take() == {"consumer_lag": "resolved"}
+        assert notifications(endpoint) == {"consumer_lag": "resolved"}
 
         # 1 invalid record in 101 (0.99 % > 0.01 %) within 5 minutes: fires.
         dirty = SyntheticBillingStream(seed=4, invalid_rate=0.01, duplicate_rate=0.0)
@@ -129,18 +82,18 @@ def test_each_alert_fires_on_its_condition_once_and_resolves(
         pipeline.produce(records)
         run_ingest(pipeline, instance)
         assert "validation" in sensor.tick().lower()
-        assert receiver.take() == {"validation_failure_rate": "firing"}
+        assert notifications(endpoint) == {"validation_failure_rate": "firing"}
 
         # The connector fails: fires; recovers: resolves.
-        receiver.connector_state = "FAILED"
+        endpoint.reply = connect_status("FAILED")
         sensor.tick()
-        assert receiver.take() == {"cdc_connector_down": "firing"}
-        receiver.connector_state = "RUNNING"
+        assert notifications(endpoint) == {"cdc_connector_down": "firing"}
+        endpoint.reply = connect_status("RUNNING")
         sensor.tick()
-        assert receiver.take() == {"cdc_connector_down": "resolved"}
+        assert notifications(endpoint) == {"cdc_connector_down": "resolved"}
 
 
-def test_reconciliation_mismatch_alert(pipeline: Pipeline, receiver: Receiver, kafka, topic):
+def test_reconciliation_mismatch_alert(pipeline: Pipeline, endpoint: Endpoint):
     from deltalake import DeltaTable
 
     from billing_dagster.contract import BILLING_EVENTS_TABLE
@@ -148,7 +101,7 @@ def test_reconciliation_mismatch_alert(pipeline: Pipeline, receiver: Receiver, k
 
     from .test_reconciliation import a_day_of_events
 
-    env = {**pipeline.env, "BILLING_ALERT_WEBHOOK_URL": receiver.url}
+    env = {**pipeline.env, "BILLING_ALERT_WEBHOOK_URL": endpoint.url}
     pipeline = Pipeline(env)
     with dg.instance_for_test() as instance:
         sensor = AlertsSensor(pipeline, instance)
@@ -156,7 +109,7 @@ def test_reconciliation_mismatch_alert(pipeline: Pipeline, receiver: Receiver, k
         run_ingest(pipeline, instance)
         assert reconcile(pipeline, instance).success
         sensor.tick()
-        assert "reconciliation_mismatch" not in receiver.take()
+        assert "reconciliation_mismatch" not in notifications(endpoint)
 
         some = read_table(pipeline.lake, BILLING_EVENTS_TABLE).row(0, named=True)
         DeltaTable(pipeline.lake.table_uri(BILLING_EVENTS_TABLE)).delete(
@@ -167,4 +120,4 @@ def test_reconciliation_mismatch_alert(pipeline: Pipeline, receiver: Receiver, k
         refresh_aggregates(pipeline.lake)
         reconcile(pipeline, instance)
         assert "Revenue Reconciliation Mismatch" in sensor.tick()
-        assert receiver.take().get("reconciliation_mismatch") == "firing"
+        assert notifications(endpoint).get("reconciliation_mismatch") == "firing"

@@ -21,6 +21,16 @@ from billing_dagster.settings import ConfigError, load_settings
         ({"BILLING_S3_ALLOW_HTTP": "maybe"}, "BILLING_S3_ALLOW_HTTP"),
         ({"BILLING_START_FROM": "middle"}, "BILLING_START_FROM"),
         ({"BILLING_PARTITIONS_START": "2024/01/01"}, "BILLING_PARTITIONS_START"),
+        (
+            {"BILLING_RECONCILIATION_TOLERANCE_PERCENT": "a little"},
+            "BILLING_RECONCILIATION_TOLERANCE_PERCENT",
+        ),
+        ({"BILLING_RECONCILIATION_TOLERANCE_PERCENT": "-1"}, "BILLING_RECONCILIATION_TOLERANCE"),
+        ({"BILLING_LATE_EVENT_WATERMARK_SECONDS": "-5"}, "BILLING_LATE_EVENT_WATERMARK_SECONDS"),
+        ({"BILLING_ALERT_WEBHOOK_URL": "hooks.example/x"}, "BILLING_ALERT_WEBHOOK_URL"),
+        ({"BILLING_CDC_STATUS_URL": "localhost:8083"}, "BILLING_CDC_STATUS_URL"),
+        ({"BILLING_LAG_ALERT_THRESHOLD": "many"}, "BILLING_LAG_ALERT_THRESHOLD"),
+        ({"BILLING_VALIDATION_ALERT_PERCENT": "NaN"}, "BILLING_VALIDATION_ALERT_PERCENT"),
     ],
 )
 def test_bad_setting_is_named(env, names):
@@ -35,6 +45,9 @@ def test_defaults_need_no_configuration(tmp_path, monkeypatch):
     assert settings.topic == "billing-events"
     assert settings.lake_root == str(tmp_path / ".lake")
     assert settings.sensor_interval_s == 5
+    assert settings.late_event_watermark_s == 5.0
+    assert str(settings.reconciliation_tolerance_pct) == "0.1"
+    assert load_settings({"BILLING_LATE_EVENT_WATERMARK_SECONDS": "0"}).late_event_watermark_s == 0
 
 
 def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess:
