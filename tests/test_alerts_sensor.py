@@ -10,7 +10,7 @@ from billing_dagster.synthetic import SyntheticBillingStream
 
 from .conftest import Pipeline, pipeline_env
 from .http_endpoint import Endpoint, connect_status
-from .test_reconciliation import reconcile, run_ingest
+from .test_reconciliation import lone_small_payments, reconcile, run_ingest
 
 
 def notifications(endpoint: Endpoint) -> dict[str, str]:
@@ -97,7 +97,6 @@ def test_reconciliation_mismatch_alert(pipeline: Pipeline, endpoint: Endpoint):
     from deltalake import DeltaTable
 
     from billing_dagster.contract import BILLING_EVENTS_TABLE
-    from billing_dagster.delta_lake import read_table
 
     from .test_reconciliation import a_day_of_events
 
@@ -111,7 +110,7 @@ def test_reconciliation_mismatch_alert(pipeline: Pipeline, endpoint: Endpoint):
         sensor.tick()
         assert "reconciliation_mismatch" not in notifications(endpoint)
 
-        some = read_table(pipeline.lake, BILLING_EVENTS_TABLE).row(0, named=True)
+        some = lone_small_payments(pipeline)[0]
         DeltaTable(pipeline.lake.table_uri(BILLING_EVENTS_TABLE)).delete(
             f"event_id = '{some['event_id']}'"
         )

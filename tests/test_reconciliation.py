@@ -60,6 +60,22 @@ def expected_by_currency(records: list[GeneratedRecord]) -> dict[str, dict[str, 
     return totals
 
 
+def lone_small_payments(pipeline: Pipeline) -> list[dict]:
+    """Payments under 100 of customers with no other event on DAY: losing or changing one
+    by 1.00 moves its customer's figures by more than 1 %, far beyond the tolerance (a
+    heavy customer could absorb a small change within 0.1 %, which would be correct)."""
+    events = read_table(pipeline.lake, BILLING_EVENTS_TABLE).filter(
+        pl.col("created_at").dt.date() == DAY
+    )
+    lone = events.filter(
+        (pl.len().over("customer_id") == 1)
+        & (pl.col("transaction_type") == "PAYMENT")
+        & (pl.col("amount_usd") < 100)
+    )
+    assert lone.height >= 2, "the synthetic day should have light customers"
+    return list(lone.sort("event_id").iter_rows(named=True))
+
+
 def run_ingest(pipeline: Pipeline, instance: dg.DagsterInstance) -> list[dg.ExecuteInProcessResult]:
     job = pipeline.defs.resolve_job_def("ingest_billing_events")
     results, cursor = [], None
@@ -127,11 +143,8 @@ def test_a_day_reconciles_exactly_then_injected_faults_are_named(
     assert summary.filter(pl.col("scope") == "currency")["key"].sort().to_list() == sorted(expected)
     assert read_table(pipeline.lake, DISCREPANCIES_TABLE).is_empty()
 
-    # Inject faults in the real-time path: one event lost, one amount altered.
-    events = read_table(pipeline.lake, BILLING_EVENTS_TABLE).filter(
-        (pl.col("created_at").dt.date() == DAY) & (pl.col("transaction_type") == "PAYMENT")
-    )
-    lost, altered = events.row(0, named=True), events.row(1, named=True)
+    # Inject faults in the real-time path: one event lost, one amount altered (+1.00).
+    lost, altered = lone_small_payments(pipeline)[:2]
     table = DeltaTable(pipeline.lake.table_uri(BILLING_EVENTS_TABLE))
     table.delete(f"event_id = '{lost['event_id']}'")
     table.update(
