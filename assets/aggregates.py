@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 import dagster as dg
 
 from assets.ingest import BILLING_EVENTS
+from assets.quality_checks import QUALITY_CHECK
 from billing_dagster.aggregates import (
     AGGREGATE_TABLES,
     AggregateRefresh,
@@ -18,7 +19,6 @@ from billing_dagster.quality import validate_frame
 from resources import DeltaLakeResource, RevenueAnalyticsResource
 
 AGGREGATES_OP = "refresh_revenue_aggregates"
-QUALITY_CHECK = "great_expectations"
 
 #: Asset key and description per aggregate table (the suite in expectations/ has the same name).
 AGGREGATE_ASSETS: dict[str, str] = {

@@ -4,11 +4,9 @@ outputs. The aggregate tables' suites run inside their refresh step."""
 from datetime import UTC, datetime, timedelta
 
 import dagster as dg
-import polars as pl
 
 from assets.ingest import BILLING_EVENTS, CUSTOMER_BALANCES
-from billing_dagster.contract import BILLING_EVENTS_TABLE
-from billing_dagster.delta_lake import LakeLocation, scan_table
+from billing_dagster.ingest import events_of_hours
 from billing_dagster.quality import validate_frame
 from billing_dagster.serving import ServingUnavailableError, read_balances
 from resources import BillingRulesResource, DeltaLakeResource, PostgresServingResource
@@ -27,26 +25,6 @@ def batch_metadata(context: dg.AssetCheckExecutionContext) -> dict[str, object]:
         if materialization is not None and materialization.asset_key == BILLING_EVENTS:
             return {k: v.value for k, v in materialization.metadata.items()}
     return {}
-
-
-def events_of_hours(lake: LakeLocation, hour_keys: list[str]) -> pl.DataFrame:
-    """billing_events rows of these event hours ('2024-12-15-14:00'). Redeliveries share
-    their event's hour, so uniqueness of event_id within them is the whole truth."""
-    scan = scan_table(lake, BILLING_EVENTS_TABLE)
-    if scan is None or not hour_keys:
-        return pl.DataFrame()
-    hours = [datetime.strptime(k, "%Y-%m-%d-%H:%M") for k in hour_keys]
-    return scan.filter(
-        pl.any_horizontal(
-            [
-                (pl.col("year") == h.year)
-                & (pl.col("month") == h.month)
-                & (pl.col("day") == h.day)
-                & (pl.col("hour") == h.hour)
-                for h in hours
-            ]
-        )
-    ).collect()
 
 
 def build_quality_checks() -> list[dg.AssetChecksDefinition]:

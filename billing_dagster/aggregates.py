@@ -37,7 +37,12 @@ from billing_dagster.contract import (
     HOURLY_REVENUE_TABLE,
     MONEY_TOTAL,
 )
-from billing_dagster.delta_lake import LakeLocation
+from billing_dagster.delta_lake import (
+    LakeLocation,
+    partition_filter,
+    partition_predicate,
+    scan_table,
+)
 
 #: App id under which each aggregate table records the billing_events version it reflects.
 SOURCE_APP_ID = "source:billing_events"
@@ -125,10 +130,10 @@ def _with_day_columns(frame: pl.DataFrame, day_column: str) -> pl.DataFrame:
 
 
 def hourly_revenue(
-    events: pl.DataFrame, *, late_events: pl.DataFrame | None = None, now: datetime
+    events: pl.DataFrame, *, late_payments: pl.DataFrame | None = None, now: datetime
 ) -> pl.DataFrame:
     """Payments per event-time hour and currency (the reference Flink SQL's tumbling window).
-    `late_events` (window_start, currency, late_event_count) are this refresh's late ones."""
+    `late_payments` (window_start, currency, late_event_count) are this refresh's late ones."""
     payments = events.filter(pl.col("transaction_type") == "PAYMENT")
     hours = (
         payments.group_by(window_start=pl.col("created_at").dt.truncate("1h"), currency="currency")
@@ -139,10 +144,10 @@ def hourly_revenue(
         )
         .with_columns(window_end=pl.col("window_start") + pl.duration(hours=1))
     )
-    if late_events is None or late_events.is_empty():
+    if late_payments is None or late_payments.is_empty():
         hours = hours.with_columns(late_event_count=pl.lit(0, pl.Int64))
     else:
-        hours = hours.join(late_events, on=["window_start", "currency"], how="left").with_columns(
+        hours = hours.join(late_payments, on=["window_start", "currency"], how="left").with_columns(
             pl.col("late_event_count").fill_null(0).cast(pl.Int64)
         )
     hours = hours.with_columns(updated_at=pl.lit(now, pl.Datetime("us", "UTC")))
@@ -224,26 +229,22 @@ def customer_metrics(events: pl.DataFrame, *, now: datetime) -> pl.DataFrame:
     )
 
 
-def late_event_counts(
+def late_events(
     new_events: pl.DataFrame, newest_before: datetime | None, allowed_lateness: timedelta
 ) -> pl.DataFrame:
-    """Late payments per (window_start, currency) among `new_events` (created_at,
-    transaction_type, currency): created_at behind the watermark the table stood at."""
-    schema = {
-        "window_start": pl.Datetime("us", "UTC"),
-        "currency": pl.String(),
-        "late_event_count": pl.Int64(),
-    }
-    if newest_before is None or new_events.is_empty():
-        return pl.DataFrame(schema=schema)
-    watermark = newest_before - allowed_lateness
+    """The `new_events` (created_at, transaction_type, currency) behind the watermark the
+    table stood at; none on a first build, which has no watermark yet."""
+    if newest_before is None:
+        return new_events.clear()
+    return new_events.filter(pl.col("created_at") < newest_before - allowed_lateness)
+
+
+def late_payments_per_hour(late: pl.DataFrame) -> pl.DataFrame:
+    """(window_start, currency, late_event_count) of the late payments."""
     return (
-        new_events.filter(
-            (pl.col("created_at") < watermark) & (pl.col("transaction_type") == "PAYMENT")
-        )
+        late.filter(pl.col("transaction_type") == "PAYMENT")
         .group_by(window_start=pl.col("created_at").dt.truncate("1h"), currency="currency")
         .agg(late_event_count=pl.len().cast(pl.Int64))
-        .cast(schema)  # type: ignore[arg-type]
     )
 
 
@@ -309,22 +310,9 @@ def source_change(
     )
 
 
-def _day_filter(days: Sequence[date]) -> pl.Expr:
-    return pl.any_horizontal(
-        [
-            (pl.col("year") == d.year) & (pl.col("month") == d.month) & (pl.col("day") == d.day)
-            for d in days
-        ]
-        or [pl.lit(False)]
-    )
-
-
-def _day_predicate(days: Sequence[date], alias: str) -> str:
-    """The same as a Delta SQL predicate on the partition columns (prunes target files)."""
-    return " OR ".join(
-        f"({alias}.year = {d.year} AND {alias}.month = {d.month} AND {alias}.day = {d.day})"
-        for d in days
-    )
+def days_filter(days: Sequence[date]) -> pl.Expr:
+    """A predicate on the year/month/day partition columns (prunes files)."""
+    return partition_filter(DAY_PARTITIONS, [(d.year, d.month, d.day) for d in days])
 
 
 def events_of_days(lake: LakeLocation, days: Sequence[date], version: int) -> pl.DataFrame:
@@ -335,7 +323,7 @@ def events_of_days(lake: LakeLocation, days: Sequence[date], version: int) -> pl
             version=version,
             storage_options=lake.storage_options or None,
         )
-        .filter(_day_filter(days))
+        .filter(days_filter(days))
         .select(AGGREGATE_INPUT_COLUMNS)
         .collect()
     )
@@ -422,7 +410,11 @@ def merge_days(
     metrics = (
         merger.when_matched_update(updates=updates, predicate=changed)
         .when_not_matched_insert_all()
-        .when_not_matched_by_source_delete(predicate=_day_predicate(days, "t"))
+        .when_not_matched_by_source_delete(
+            predicate=partition_predicate(
+                DAY_PARTITIONS, [(d.year, d.month, d.day) for d in days], alias="t"
+            )
+        )
         .execute()
     )
     return TableRefresh(
@@ -459,19 +451,17 @@ def refresh_aggregates(
     elif since == source.version():
         return AggregateRefresh(since, (), 0, 0)
     change = source_change(lake, source, since)
-    new_events = _read_new_events(lake, change.new_files)
-    late = late_event_counts(new_events, change.newest_before, allowed_lateness)
-    late_events = 0
-    if change.newest_before is not None:
-        watermark = change.newest_before - allowed_lateness
-        late_events = new_events.filter(pl.col("created_at") < watermark).height
+    late = late_events(
+        _read_new_events(lake, change.new_files), change.newest_before, allowed_lateness
+    )
+    late_payments = late_payments_per_hour(late)
     refreshed: list[TableRefresh] = []
     if change.days:
         events = events_of_days(lake, change.days, change.to_version)
         outputs = {
             DAILY_REVENUE: daily_revenue(events, now=now),
             CUSTOMER_METRICS: customer_metrics(events, now=now),
-            HOURLY_REVENUE: hourly_revenue(events, late_events=late, now=now),
+            HOURLY_REVENUE: hourly_revenue(events, late_payments=late_payments, now=now),
         }
         for target, rows in outputs.items():
             if reflected[target] == change.to_version:
@@ -482,8 +472,8 @@ def refresh_aggregates(
     return AggregateRefresh(
         source_version=change.to_version,
         days=change.days,
-        late_events=late_events,
-        late_payments=int(late["late_event_count"].sum()) if late.height else 0,
+        late_events=late.height,
+        late_payments=int(late_payments["late_event_count"].sum()),
         tables=tuple(refreshed),
     )
 
@@ -492,10 +482,7 @@ def read_aggregate(
     lake: LakeLocation, target: AggregateTable, days: Sequence[date]
 ) -> pl.DataFrame:
     """An aggregate table's rows for these days (empty with its schema if none)."""
-    if lake.open(target.name) is None:
+    scan = scan_table(lake, target.name)
+    if scan is None:
         return pl.DataFrame(schema=target.schema)
-    return (
-        pl.scan_delta(lake.table_uri(target.name), storage_options=lake.storage_options or None)
-        .filter(_day_filter(days))
-        .collect()
-    )
+    return scan.filter(days_filter(days)).collect()

@@ -54,7 +54,6 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
             cdc_status_url=settings.cdc_status_url,
             lag_threshold=settings.lag_alert_threshold,
             validation_failure_percent=str(settings.validation_alert_pct),
-            reconciliation_tolerance_percent=str(settings.reconciliation_tolerance_pct),
         ),
         "billing_rules": BillingRulesResource(
             supported_currencies=list(settings.supported_currencies),

@@ -9,7 +9,7 @@ Re-running any range therefore never duplicates a row.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import polars as pl
@@ -110,6 +110,50 @@ def append_exactly_once(
         )
         version = lake.open(name).version()
     return AppendResult(fresh.height, rows.height - fresh.height, version)
+
+
+def partition_filter(columns: Sequence[str], partitions: Iterable[Sequence[int]]) -> pl.Expr:
+    """Rows in any of these partitions: `columns` = values for one of `partitions` (a
+    predicate on partition columns, so scans read only those files)."""
+    terms = [
+        pl.all_horizontal([pl.col(c) == v for c, v in zip(columns, values, strict=True)])
+        for values in partitions
+    ]
+    return pl.any_horizontal(terms) if terms else pl.lit(False)
+
+
+def partition_predicate(
+    columns: Sequence[str], partitions: Iterable[Sequence[int]], alias: str | None = None
+) -> str:
+    """The same as Delta SQL, for MERGE and overwrite predicates."""
+    prefix = f"{alias}." if alias else ""
+    return " OR ".join(
+        "(" + " AND ".join(f"{prefix}{c} = {v}" for c, v in zip(columns, values, strict=True)) + ")"
+        for values in partitions
+    )
+
+
+def replace_partition(
+    lake: LakeLocation,
+    name: str,
+    rows: pl.DataFrame,
+    partition: Mapping[str, int],
+    *,
+    partition_by: Sequence[str],
+) -> None:
+    """Atomically replace the rows of one partition (a rerun overwrites, never appends);
+    creates the table on first use."""
+    exists = lake.open(name) is not None
+    write_deltalake(
+        lake.table_uri(name),
+        rows.to_arrow(),
+        mode="overwrite",
+        predicate=partition_predicate(list(partition), [list(partition.values())])
+        if exists
+        else None,
+        partition_by=list(partition_by),
+        storage_options=lake.storage_options or None,
+    )
 
 
 def read_table(lake: LakeLocation, name: str) -> pl.DataFrame:

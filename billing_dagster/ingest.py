@@ -31,6 +31,7 @@ from billing_dagster.delta_lake import (
     LakeLocation,
     append_exactly_once,
     committed_offsets,
+    partition_filter,
     scan_table,
 )
 from billing_dagster.enrichment import ReferenceData
@@ -83,19 +84,23 @@ class IngestReport:
 
 
 def _hour_filter(hours: pl.DataFrame) -> pl.Expr:
-    """A predicate on the year/month/day/hour partition columns (prunes files)."""
-    keys = [tuple(r) for r in hours.select(EVENT_HOUR_PARTITIONS).unique().iter_rows()]
-    if not keys:
-        return pl.lit(False)
-    return pl.any_horizontal(
-        [
-            (pl.col("year") == y)
-            & (pl.col("month") == m)
-            & (pl.col("day") == d)
-            & (pl.col("hour") == h)
-            for y, m, d, h in keys
-        ]
+    """A predicate on the year/month/day/hour partition columns of these rows' hours."""
+    return partition_filter(
+        EVENT_HOUR_PARTITIONS, hours.select(EVENT_HOUR_PARTITIONS).unique().iter_rows()
     )
+
+
+def events_of_hours(lake: LakeLocation, hour_keys: Sequence[str]) -> pl.DataFrame:
+    """billing_events rows of these event hours ('2024-12-15-14:00', as in the ingest
+    metadata). Redeliveries share their event's hour, so uniqueness of event_id within
+    them is the whole truth."""
+    scan = scan_table(lake, BILLING_EVENTS_TABLE)
+    if scan is None or not hour_keys:
+        return pl.DataFrame(schema=BILLING_EVENTS_SCHEMA)
+    hours = [datetime.strptime(k, "%Y-%m-%d-%H:%M") for k in hour_keys]
+    return scan.filter(
+        partition_filter(EVENT_HOUR_PARTITIONS, [(h.year, h.month, h.day, h.hour) for h in hours])
+    ).collect()
 
 
 def accepted_before(lake: LakeLocation, events: pl.DataFrame) -> pl.DataFrame:

@@ -14,7 +14,6 @@ from datetime import UTC, date, datetime
 from decimal import Decimal
 
 import polars as pl
-from deltalake import write_deltalake
 
 from billing_dagster.aggregates import DAILY_REVENUE
 from billing_dagster.contract import (
@@ -24,7 +23,7 @@ from billing_dagster.contract import (
     QUARANTINE_TABLE,
     RECONCILIATION_TABLE,
 )
-from billing_dagster.delta_lake import LakeLocation
+from billing_dagster.delta_lake import LakeLocation, replace_partition, scan_table
 from billing_dagster.enrichment import ReferenceData
 from billing_dagster.reconciliation import (
     DEFAULT_TOLERANCE_PCT,
@@ -140,12 +139,6 @@ class MonthlyReport:
         return "\n".join(lines)
 
 
-def _scan(lake: LakeLocation, name: str) -> pl.LazyFrame | None:
-    if lake.open(name) is None:
-        return None
-    return pl.scan_delta(lake.table_uri(name), storage_options=lake.storage_options or None)
-
-
 def monthly_report(
     lake: LakeLocation,
     month: date,
@@ -159,7 +152,7 @@ def monthly_report(
     batch = batch_events(lake, days, reference)
     in_month = (pl.col("year") == month.year) & (pl.col("month") == month.month)
 
-    daily = _scan(lake, DAILY_REVENUE.name)
+    daily = scan_table(lake, DAILY_REVENUE.name)
     realtime = (
         daily.filter(in_month)
         .group_by(key="currency")
@@ -194,18 +187,18 @@ def monthly_report(
 
     event_days = set(batch["created_at"].dt.date().unique().to_list())
     reconciled: dict[date, bool] = {}
-    recon = _scan(lake, RECONCILIATION_TABLE)
+    recon = scan_table(lake, RECONCILIATION_TABLE)
     if recon is not None:
         rows = recon.filter(in_month).group_by("recon_date").agg(pl.col("within_tolerance").all())
         reconciled = dict(rows.collect().iter_rows())
-    discrepancies = _scan(lake, DISCREPANCIES_TABLE)
+    discrepancies = scan_table(lake, DISCREPANCIES_TABLE)
     discrepancy_rows = (
         discrepancies.filter(in_month).select(pl.len()).collect().item()
         if discrepancies is not None
         else 0
     )
     by_rule: dict[str, int] = {}
-    quarantine = _scan(lake, QUARANTINE_TABLE)
+    quarantine = scan_table(lake, QUARANTINE_TABLE)
     if quarantine is not None:
         prefix = month.strftime("%Y-%m-")
         counts = (
@@ -231,14 +224,7 @@ def monthly_report(
 
 def write_monthly_report(lake: LakeLocation, report: MonthlyReport) -> None:
     """Replace the month's rows in reconciliation/monthly (a rerun overwrites)."""
-    exists = lake.open(MONTHLY_REPORT_TABLE) is not None
-    write_deltalake(
-        lake.table_uri(MONTHLY_REPORT_TABLE),
-        report.currencies.to_arrow(),
-        mode="overwrite",
-        predicate=f"year = {report.month.year} AND month = {report.month.month}"
-        if exists
-        else None,
-        partition_by=["year", "month"],
-        storage_options=lake.storage_options or None,
+    month = {"year": report.month.year, "month": report.month.month}
+    replace_partition(
+        lake, MONTHLY_REPORT_TABLE, report.currencies, month, partition_by=list(month)
     )

@@ -20,12 +20,11 @@ from datetime import UTC, date, datetime
 from decimal import Decimal
 
 import polars as pl
-from deltalake import write_deltalake
 
 from billing_dagster.aggregates import (
     CUSTOMER_METRICS,
     DAILY_REVENUE,
-    _day_filter,
+    days_filter,
     events_of_days,
     read_aggregate,
 )
@@ -40,7 +39,7 @@ from billing_dagster.contract import (
     RAW_TABLE,
     RECONCILIATION_TABLE,
 )
-from billing_dagster.delta_lake import LakeLocation
+from billing_dagster.delta_lake import LakeLocation, replace_partition, scan_table
 from billing_dagster.enrichment import ReferenceData, enrich
 
 DEFAULT_TOLERANCE_PCT = Decimal("0.1")
@@ -109,21 +108,13 @@ def batch_events(
 ) -> pl.DataFrame:
     """The events of these days recomputed from raw/: delivered, not rejected, once each."""
     columns = [*EVENT_SCHEMA, *_POSITION]
-    if lake.open(RAW_TABLE) is None:
+    raw = scan_table(lake, RAW_TABLE)
+    if raw is None:
         return enrich(pl.DataFrame(schema={c: RAW_EVENT_SCHEMA[c] for c in columns}), reference)
-    delivered = (
-        pl.scan_delta(lake.table_uri(RAW_TABLE), storage_options=lake.storage_options or None)
-        .filter(_day_filter(days))
-        .select(columns)
-    )
-    if lake.open(QUARANTINE_TABLE) is not None:
-        rejected = (
-            pl.scan_delta(
-                lake.table_uri(QUARANTINE_TABLE), storage_options=lake.storage_options or None
-            )
-            .select(_POSITION)
-            .filter(pl.col("kafka_offset").is_not_null())
-        )
+    delivered = raw.filter(days_filter(days)).select(columns)
+    quarantine = scan_table(lake, QUARANTINE_TABLE)
+    if quarantine is not None:
+        rejected = quarantine.select(_POSITION).filter(pl.col("kafka_offset").is_not_null())
         delivered = delivered.join(rejected, on=list(_POSITION), how="anti")
     first = (
         delivered.sort(list(_POSITION))
@@ -433,16 +424,18 @@ def reconcile_day(
             "discrepancy_pct": PCT,
         },
     ).with_columns(scope=pl.lit("customers"))
-    currency_summary = currencies.with_columns(
-        scope=pl.lit("currency"),
-        keys_compared=pl.lit(1, pl.Int64),
-        keys_beyond_tolerance=(~pl.col("within_tolerance")).cast(pl.Int64),
-        differing_events=pl.col("key")
-        .map_elements(
-            lambda code: differences.filter(pl.col("currency") == code).height,
-            return_dtype=pl.Int64,
+    currency_summary = (
+        currencies.with_columns(
+            scope=pl.lit("currency"),
+            keys_compared=pl.lit(1, pl.Int64),
+            keys_beyond_tolerance=(~pl.col("within_tolerance")).cast(pl.Int64),
         )
-        .cast(pl.Int64),
+        .join(
+            differences.group_by(key="currency").agg(differing_events=pl.len().cast(pl.Int64)),
+            on="key",
+            how="left",
+        )
+        .with_columns(pl.col("differing_events").fill_null(0))
     )
     summary = pl.concat([currency_summary, customer_summary], how="diagonal_relaxed")
     summary = _conform(
@@ -463,22 +456,14 @@ def _conform(frame: pl.DataFrame, schema: dict[str, pl.DataType]) -> pl.DataFram
     return frame.with_columns(missing).select(list(schema)).cast(schema)  # type: ignore[arg-type]
 
 
-def _replace_day(lake: LakeLocation, name: str, rows: pl.DataFrame, day: date) -> None:
-    """Atomically replace the table's rows for `day` (a rerun overwrites, never appends)."""
-    predicate = f"year = {day.year} AND month = {day.month} AND day = {day.day}"
-    write_deltalake(
-        lake.table_uri(name),
-        rows.to_arrow(),
-        mode="overwrite",
-        predicate=predicate if lake.open(name) is not None else None,
-        partition_by=list(DAY_PARTITIONS),
-        storage_options=lake.storage_options or None,
-    )
-
-
 def write_reconciliation(lake: LakeLocation, result: ReconciliationResult) -> None:
-    _replace_day(lake, RECONCILIATION_TABLE, result.summary, result.day)
-    _replace_day(lake, DISCREPANCIES_TABLE, result.discrepancies, result.day)
+    """Replace the day's rows in both tables: a rerun overwrites, never appends."""
+    day = {"year": result.day.year, "month": result.day.month, "day": result.day.day}
+    for name, rows in (
+        (RECONCILIATION_TABLE, result.summary),
+        (DISCREPANCIES_TABLE, result.discrepancies),
+    ):
+        replace_partition(lake, name, rows, day, partition_by=DAY_PARTITIONS)
 
 
 @dataclass(frozen=True)
@@ -491,18 +476,15 @@ class LatestReconciliation:
 
 def latest_reconciliation(lake: LakeLocation) -> LatestReconciliation | None:
     """The most recent day in reconciliation/daily and its worst currency or customer check."""
-    if lake.open(RECONCILIATION_TABLE) is None:
+    scan = scan_table(lake, RECONCILIATION_TABLE)
+    if scan is None:
         return None
-    rows = pl.read_delta(
-        lake.table_uri(RECONCILIATION_TABLE), storage_options=lake.storage_options or None
-    )
+    rows = scan.filter(pl.col("recon_date") == pl.col("recon_date").max()).collect()
     if rows.is_empty():
         return None
-    day = rows["recon_date"].max()
-    today = rows.filter(pl.col("recon_date") == day).with_columns(
-        pl.col("discrepancy_pct").cast(pl.Float64).fill_null(float("inf")).alias("_rank")
-    )
-    worst = today.sort("_rank", descending=True).row(0, named=True)
+    day = rows["recon_date"][0]
+    # A null discrepancy is unbounded (batch 0, real time not): the worst of all.
+    worst = rows.sort("discrepancy_pct", descending=True, nulls_last=False).row(0, named=True)
     pct = worst["discrepancy_pct"]
     return LatestReconciliation(
         day=day,  # type: ignore[arg-type]

@@ -14,9 +14,9 @@ class AlertingResource(ConfigurableResource):
     #: Kafka Connect /connectors/<name>/status or Debezium Server /q/health; None: no CDC.
     cdc_status_url: str | None = None
     lag_threshold: int = 10_000
-    #: Percentages as text, so they stay exact decimals.
+    #: A percentage as text, so it stays an exact decimal. The reconciliation tolerance is
+    #: RevenueAnalyticsResource's: the alert fires where the asset check fails.
     validation_failure_percent: str = "0.01"
-    reconciliation_tolerance_percent: str = "0.1"
 
     def notifiers(self, logger: logging.Logger) -> list[Notifier]:
         notifiers: list[Notifier] = [LogNotifier(logger, self.runbook_base_url)]
@@ -26,6 +26,3 @@ class AlertingResource(ConfigurableResource):
 
     def validation_threshold_pct(self) -> Decimal:
         return Decimal(self.validation_failure_percent)
-
-    def tolerance_pct(self) -> Decimal:
-        return Decimal(self.reconciliation_tolerance_percent)

@@ -24,7 +24,7 @@ from billing_dagster.delta_lake import committed_offsets
 from billing_dagster.kafka_io import KafkaUnavailableError
 from billing_dagster.offsets import consumer_lag
 from billing_dagster.reconciliation import latest_reconciliation
-from resources import DeltaLakeResource, KafkaResource
+from resources import DeltaLakeResource, KafkaResource, RevenueAnalyticsResource
 from resources.alerting import AlertingResource
 
 VALIDATION_WINDOW_MINUTES = 5
@@ -51,6 +51,7 @@ def evaluate_alerts(
     kafka: KafkaResource,
     lake: DeltaLakeResource,
     alerting: AlertingResource,
+    analytics: RevenueAnalyticsResource,
 ) -> list[Alert]:
     alerts = []
     try:
@@ -77,7 +78,7 @@ def evaluate_alerts(
     alerts.append(
         reconciliation_alert(
             latest.max_discrepancy_pct if latest else None,
-            alerting.tolerance_pct(),
+            analytics.tolerance_pct(),
             date=latest.day.isoformat() if latest else None,
             worst=latest.worst if latest else None,
         )
@@ -104,8 +105,9 @@ def build_alerts_sensor(interval_s: int) -> dg.SensorDefinition:
         kafka: KafkaResource,
         lake: DeltaLakeResource,
         alerting: AlertingResource,
+        analytics: RevenueAnalyticsResource,
     ) -> dg.SkipReason:
-        alerts = evaluate_alerts(context.instance, kafka, lake, alerting)
+        alerts = evaluate_alerts(context.instance, kafka, lake, alerting, analytics)
         previous = load_state(context.cursor)
         changed = transitions(previous, alerts)
         for error in notify_all(alerting.notifiers(context.log), changed):
