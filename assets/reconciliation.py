@@ -6,15 +6,24 @@ from datetime import UTC, date, datetime
 import dagster as dg
 
 from assets.ingest import RAW_BILLING_EVENTS
-from billing_dagster.contract import DISCREPANCIES_TABLE, MONTHLY_REPORT_TABLE, RECONCILIATION_TABLE
+from billing_dagster.contract import (
+    DISCREPANCIES_TABLE,
+    MONTHLY_REPORT_TABLE,
+    OLTP_RECONCILIATION_TABLE,
+    RECONCILIATION_TABLE,
+)
 from billing_dagster.enrichment import ReferenceDataError, load_reference_data
 from billing_dagster.monthly_report import monthly_report, write_monthly_report
+from billing_dagster.oltp_reconciliation import reconcile_oltp_day, write_oltp_reconciliation
 from billing_dagster.reconciliation import reconcile_day, write_reconciliation
-from resources import DeltaLakeResource, RevenueAnalyticsResource
+from billing_dagster.serving import ServingUnavailableError
+from resources import DeltaLakeResource, OltpSourceResource, RevenueAnalyticsResource
 
 DAILY_RECONCILIATION = dg.AssetKey("daily_reconciliation")
 MONTHLY_REPORT = dg.AssetKey("monthly_reconciliation_report")
+OLTP_RECONCILIATION = dg.AssetKey("oltp_reconciliation")
 WITHIN_TOLERANCE = "within_tolerance"
+MATCHES_OLTP = "matches_oltp"
 
 
 def _reference(lake: DeltaLakeResource):
@@ -126,3 +135,70 @@ def build_reconciliation_assets(
         )
 
     return [daily_reconciliation, monthly_reconciliation_report]
+
+
+def _json_safe(metadata: dict[str, object]) -> dict[str, object]:
+    return {
+        k: dg.MetadataValue.json(v) if isinstance(v, dict | list) else v
+        for k, v in metadata.items()
+    }
+
+
+def build_oltp_reconciliation_asset(daily: dg.DailyPartitionsDefinition) -> dg.AssetsDefinition:
+    """Only defined when BILLING_OLTP_URL names the OLTP database Debezium captures."""
+
+    @dg.asset(
+        key=OLTP_RECONCILIATION,
+        partitions_def=daily,
+        group_name="reconciliation",
+        deps=["billing_events"],
+        kinds={"postgres", "delta"},
+        description=(
+            "The day's money rows in the OLTP billing database (transactions, payments, "
+            "refunds) against billing_events: per currency and per event. Results in "
+            "reconciliation/oltp."
+        ),
+        metadata={"lake_table": OLTP_RECONCILIATION_TABLE},
+        check_specs=[
+            dg.AssetCheckSpec(
+                MATCHES_OLTP,
+                asset=OLTP_RECONCILIATION,
+                description="Every OLTP money row of the day is in billing_events, once, "
+                "with the same amount, and nothing else is.",
+            )
+        ],
+    )
+    def oltp_reconciliation(
+        context: dg.AssetExecutionContext,
+        lake: DeltaLakeResource,
+        oltp: OltpSourceResource,
+        analytics: RevenueAnalyticsResource,
+    ) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
+        day = date.fromisoformat(context.partition_key)
+        try:
+            result = reconcile_oltp_day(
+                lake.location(), oltp.url, day, tolerance_pct=analytics.tolerance_pct()
+            )
+        except ServingUnavailableError as exc:
+            raise dg.Failure(str(exc)) from exc
+        write_oltp_reconciliation(lake.location(), result)
+        metadata = result.metadata()
+        if result.status != "reconciled":
+            context.log.error(
+                f"{day}: {result.differences.height} events differ between the OLTP database "
+                f"and billing_events ({metadata['by_kind']})"
+            )
+        yield dg.MaterializeResult(
+            metadata={**_json_safe(metadata), "dagster/row_count": result.summary.height}
+        )
+        yield dg.AssetCheckResult(
+            check_name=MATCHES_OLTP,
+            passed=result.status in ("reconciled", "no_data"),
+            severity=dg.AssetCheckSeverity.ERROR,
+            metadata={
+                "differing_events": result.differences.height,
+                "max_discrepancy_pct": metadata["max_discrepancy_pct"],
+            },
+        )
+
+    return oltp_reconciliation

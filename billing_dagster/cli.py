@@ -38,6 +38,21 @@ def main() -> None:
     """billing-dagster: Kafka billing events to trusted money figures."""
 
 
+def _ensure_topic(settings) -> None:
+    try:
+        ensure_topic(
+            settings.kafka_bootstrap_servers,
+            settings.topic,
+            partitions=24,
+            timeout_s=settings.kafka_request_timeout_s,
+        )
+    except Exception as exc:
+        raise KafkaUnavailableError(
+            f"cannot reach Kafka at {settings.kafka_bootstrap_servers} "
+            f"(BILLING_KAFKA_BOOTSTRAP_SERVERS): {exc}"
+        ) from None
+
+
 @main.command()
 @click.option(
     "--rate",
@@ -76,18 +91,7 @@ def produce(
     if count is None and duration is None:
         raise click.UsageError("give --count or --duration (or both)")
     if create_topic:
-        try:
-            ensure_topic(
-                settings.kafka_bootstrap_servers,
-                settings.topic,
-                partitions=24,
-                timeout_s=settings.kafka_request_timeout_s,
-            )
-        except Exception as exc:
-            raise KafkaUnavailableError(
-                f"cannot reach Kafka at {settings.kafka_bootstrap_servers} "
-                f"(BILLING_KAFKA_BOOTSTRAP_SERVERS): {exc}"
-            ) from None
+        _ensure_topic(settings)
     stream = SyntheticBillingStream(
         seed=seed, duplicate_rate=duplicate_rate, invalid_rate=invalid_rate
     )
@@ -105,13 +109,94 @@ def produce(
 
 
 @main.command()
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0, min_open=True),
+    default=50.0,
+    show_default=True,
+    help="Activities (OLTP transactions) per second; nearly each makes one billing event.",
+)
+@click.option("--count", type=click.IntRange(min=1), help="Stop after this many activities.")
+@click.option(
+    "--duration", type=click.FloatRange(min=0, min_open=True), help="Stop after this many seconds."
+)
+@click.option(
+    "--to",
+    "target",
+    type=click.Choice(["oltp", "kafka"]),
+    help="oltp: the billing tables at BILLING_OLTP_URL (Debezium captures them); kafka: "
+    "billing events straight to BILLING_TOPIC. Default: oltp when BILLING_OLTP_URL is set.",
+)
+@click.option("--seed", type=int, default=7, show_default=True)
+@click.option(
+    "--customers",
+    type=click.IntRange(min=1),
+    default=5_000,
+    show_default=True,
+    help="Customer ids 1001.. (as `reference demo` writes them).",
+)
+def workload(rate, count, duration, target, seed, customers) -> None:
+    """Write realistic billing activity: subscriptions with plan changes and prorations,
+    invoices, payments in several currencies, refunds and chargebacks of earlier payments."""
+    from billing_dagster.workload import BillingWorkload
+
+    settings = load_settings()
+    if count is None and duration is None:
+        raise click.UsageError("give --count or --duration (or both)")
+    target = target or ("oltp" if settings.oltp_url else "kafka")
+    generator = BillingWorkload(seed=seed, customers=customers)
+    if target == "oltp":
+        counts = _workload_to_oltp(settings, generator, rate, count, duration)
+        where = "the OLTP billing tables"
+    else:
+        counts = _workload_to_kafka(settings, generator, rate, count, duration)
+        where = settings.topic
+    kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
+    click.echo(f"wrote {sum(counts.values())} activities to {where}: {kinds}")
+
+
+def _workload_to_oltp(settings, generator, rate, count, duration):
+    from billing_dagster.oltp import connect_oltp, migrate_oltp, write_activities
+    from billing_dagster.workload import run_at_rate
+
+    if not settings.oltp_url:
+        raise ConfigError("--to oltp needs BILLING_OLTP_URL (the OLTP billing database)")
+    migrate_oltp(settings.oltp_url)
+    with connect_oltp(settings.oltp_url) as connection:
+        return run_at_rate(
+            generator,
+            lambda batch: write_activities(connection, batch),
+            rate=rate,
+            count=count,
+            duration_s=duration,
+        )
+
+
+def _workload_to_kafka(settings, generator, rate, count, duration):
+    from billing_dagster.producer import make_producer, send_value
+    from billing_dagster.workload import billing_events_of, run_at_rate
+
+    _ensure_topic(settings)
+    producer = make_producer(settings.kafka_bootstrap_servers)
+
+    def write(batch) -> None:
+        for key, value in billing_events_of(batch):
+            send_value(producer, settings.topic, key, value)
+        producer.poll(0)
+
+    counts = run_at_rate(generator, write, rate=rate, count=count, duration_s=duration)
+    if producer.flush(60):
+        raise KafkaUnavailableError("billing events were not acknowledged by Kafka in 60 s")
+    return counts
+
+
+@main.command()
 @click.option("--port", type=int, default=3000, show_default=True, help="Dagster UI port.")
 @click.option(
     "--broker",
     type=click.Choice(["tansu", "kafka"]),
-    default="tansu",
-    show_default=True,
-    help="tansu: embedded, no Java; kafka: Apache Kafka from dev/kafka (needs setup).",
+    help="tansu: embedded, no Java; kafka: Apache Kafka from dev/kafka (needs setup). "
+    "Default: tansu, or kafka with --source cdc.",
 )
 @click.option(
     "--rate",
@@ -128,7 +213,16 @@ def produce(
     help="Lake and Dagster home; wiped at start (the demo broker is memory-only).",
 )
 @click.option("--for-seconds", type=click.FloatRange(min=1), help="Stop after this long.")
-def demo(port, broker, rate, state_dir, for_seconds) -> None:
+@click.option(
+    "--source",
+    type=click.Choice(["synthetic", "workload", "cdc"]),
+    default="synthetic",
+    show_default=True,
+    help="synthetic: events with duplicates and malformed records, straight to Kafka; "
+    "workload: the billing workload generator's events, straight to Kafka; cdc: the "
+    "generator writes the OLTP tables and Debezium captures them (needs --broker kafka).",
+)
+def demo(port, broker, rate, state_dir, for_seconds, source) -> None:
     """Start everything on loopback and open the pipeline in the Dagster UI."""
     from billing_dagster.demo import run_demo
 
@@ -136,10 +230,11 @@ def demo(port, broker, rate, state_dir, for_seconds) -> None:
         run_demo(
             state_dir=state_dir.resolve(),
             ui_port=port,
-            broker_kind=broker,
+            broker_kind=broker or ("kafka" if source == "cdc" else "tansu"),
             rate=rate,
             topic=load_settings().topic,
             for_seconds=for_seconds,
+            source=source,
             echo=click.echo,
         )
     )

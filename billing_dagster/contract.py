@@ -228,6 +228,7 @@ CUSTOMER_METRICS_TABLE = "aggregated/customer_metrics"
 RECONCILIATION_TABLE = "reconciliation/daily"
 DISCREPANCIES_TABLE = "reconciliation/discrepancies"
 MONTHLY_REPORT_TABLE = "reconciliation/monthly"
+OLTP_RECONCILIATION_TABLE = "reconciliation/oltp"
 
 _DAY_COLUMNS: dict[str, pl.DataType] = {name: pl.Int32() for name in DAY_PARTITIONS}
 

@@ -8,12 +8,13 @@ from assets.aggregates import build_aggregate_assets
 from assets.ingest import INGEST_OP, build_ingest_assets
 from assets.partitions import day_partitions, log_hour_partitions, month_partitions
 from assets.quality_checks import build_quality_checks
-from assets.reconciliation import build_reconciliation_assets
+from assets.reconciliation import build_oltp_reconciliation_asset, build_reconciliation_assets
 from billing_dagster.settings import Settings, load_settings
 from resources import (
     BillingRulesResource,
     DeltaLakeResource,
     KafkaResource,
+    OltpSourceResource,
     PostgresServingResource,
     RevenueAnalyticsResource,
 )
@@ -27,7 +28,11 @@ INGEST_CONCURRENCY_TAG = "billing/ingest"
 
 
 def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
+    optional: dict[str, dg.ConfigurableResource] = {}
+    if settings.oltp_url:
+        optional["oltp"] = OltpSourceResource(url=settings.oltp_url)
     return {
+        **optional,
         "kafka": KafkaResource(
             bootstrap_servers=settings.kafka_bootstrap_servers,
             topic=settings.topic,
@@ -71,6 +76,12 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         day_partitions(settings.partitions_start), month_partitions(settings.partitions_start)
     )
     checks = build_quality_checks()
+    # Reconciliation against the OLTP source exists only where CDC from it is configured.
+    oltp_assets = (
+        [build_oltp_reconciliation_asset(day_partitions(settings.partitions_start))]
+        if settings.oltp_url
+        else []
+    )
     ingest_job = dg.define_asset_job(
         "ingest_billing_events",
         # The aggregates run in the same run, after the batch: revenue is current as soon
@@ -87,11 +98,14 @@ def build_definitions(settings: Settings) -> dg.Definitions:
     )
     reconcile_job = dg.define_asset_job(
         "reconcile_daily_revenue",
-        selection=[daily_reconciliation],
+        selection=[daily_reconciliation, *oltp_assets],
         # Queued behind ingest runs (same limit): never compares a half-applied batch.
         tags={INGEST_CONCURRENCY_TAG: "reconcile"},
         executor_def=dg.in_process_executor,
-        description="Reconcile one day's real-time revenue against the raw lake.",
+        description=(
+            "Reconcile one day's real-time revenue against the raw lake (and, with "
+            "BILLING_OLTP_URL, against the OLTP database)."
+        ),
     )
     monthly_job = dg.define_asset_job(
         "monthly_reconciliation",
@@ -107,7 +121,13 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         start_from=settings.start_from,
     )
     return dg.Definitions(
-        assets=[ingest_assets, aggregate_assets, daily_reconciliation, monthly_report],
+        assets=[
+            ingest_assets,
+            aggregate_assets,
+            daily_reconciliation,
+            monthly_report,
+            *oltp_assets,
+        ],
         asset_checks=checks,
         jobs=[ingest_job, reconcile_job, monthly_job],
         schedules=[

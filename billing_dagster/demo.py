@@ -1,5 +1,11 @@
 """The zero-configuration demo: embedded broker, Postgres, a local lake, a producer and
-`dagster dev` with this workspace, all on loopback, stopped together."""
+`dagster dev` with this workspace, all on loopback, stopped together.
+
+Sources of events: `synthetic` (billing events with duplicate deliveries and malformed
+records, straight to Kafka), `workload` (the billing workload generator's events straight
+to Kafka), or `cdc` (the generator writes the OLTP tables, Debezium captures them into
+Kafka; needs Apache Kafka and Java).
+"""
 
 from __future__ import annotations
 
@@ -17,13 +23,19 @@ from pathlib import Path
 from billing_dagster.delta_lake import LakeLocation
 from billing_dagster.enrichment import write_reference_data
 from billing_dagster.kafka_io import ensure_topic
+from billing_dagster.local_infra.debezium import LocalDebezium
 from billing_dagster.local_infra.kafka import ApacheKafka
 from billing_dagster.local_infra.postgres import LocalPostgres
 from billing_dagster.local_infra.process import REPO_ROOT, InfraError, port_open
 from billing_dagster.local_infra.tansu import TansuBroker
-from billing_dagster.producer import make_producer, produce_at_rate
+from billing_dagster.oltp import connect_oltp, migrate_oltp, write_activities
+from billing_dagster.producer import make_producer, produce_at_rate, send_value
 from billing_dagster.serving import migrate
 from billing_dagster.synthetic import SyntheticBillingStream
+from billing_dagster.workload import BillingWorkload, billing_events_of, run_at_rate
+
+SOURCES = ("synthetic", "workload", "cdc")
+CDC_TOPIC = "billing-cdc"
 
 
 def start_broker(kind: str) -> ApacheKafka | TansuBroker:
@@ -42,8 +54,13 @@ def run_demo(
     rate: float,
     topic: str,
     for_seconds: float | None,
+    source: str = "synthetic",
     echo=print,
 ) -> int:
+    if source == "cdc" and broker_kind != "kafka":
+        raise InfraError("--source cdc needs --broker kafka: Debezium runs in Kafka Connect")
+    if source == "cdc":
+        topic = CDC_TOPIC  # the three money tables' changes, routed to one topic
     if port_open(ui_port):
         raise InfraError(f"port {ui_port} is in use: pass --port to choose another for the UI")
     # The embedded broker keeps nothing across restarts, so neither may the lake: stale
@@ -70,22 +87,42 @@ def run_demo(
         echo(f"  Dagster storage {postgres.url}; balances in {serving_url}")
         ensure_topic(broker.bootstrap_servers, topic, partitions=24)
 
-        stream = SyntheticBillingStream(seed=int(time.time()))
-        # Customers, plans and FX rates the synthetic events are enriched from.
-        write_reference_data(LakeLocation(str(lake_root)), stream.reference_data())
-        echo(f"  reference data for {len(stream.customer_ids)} customers in {lake_root}")
-        producer = make_producer(
-            broker.bootstrap_servers, single_record_batches=broker.kind == "tansu"
+        seed = int(time.time())
+        # Customers, plans and FX rates the events are enriched from (same customer ids
+        # for the synthetic stream and the workload generator).
+        write_reference_data(
+            LakeLocation(str(lake_root)), SyntheticBillingStream(seed=seed).reference_data()
         )
+        echo(f"  reference data in {lake_root}/reference")
+        extra_env: dict[str, str] = {}
+        if source == "cdc":
+            oltp_url = postgres.create_database("billing_oltp")
+            migrate_oltp(oltp_url)
+            echo(f"starting Debezium (Kafka Connect) on the OLTP database {oltp_url} ...")
+            cdc = LocalDebezium(broker.bootstrap_servers, oltp_url, topic).start()
+            stack.callback(cdc.stop)
+            echo(f"  connector status: {cdc.status_url}")
+            extra_env = {
+                "BILLING_TOPIC_FORMATS": f"{topic}=debezium-json",
+                "BILLING_OLTP_URL": oltp_url,
+                "BILLING_CDC_STATUS_URL": cdc.status_url,
+            }
         producing = threading.Thread(
-            target=produce_at_rate,
-            args=(producer, topic, stream),
-            kwargs={"rate": rate, "should_stop": stop.is_set},
+            target=_feed,
+            args=(
+                source,
+                broker,
+                topic,
+                seed,
+                rate,
+                stop.is_set,
+                extra_env.get("BILLING_OLTP_URL"),
+            ),
             daemon=True,
         )
         producing.start()
         stack.callback(stop.set)
-        echo(f"producing ~{rate:g} billing events/s to '{topic}' (24 partitions)")
+        echo(f"source {source}: ~{rate:g}/s into '{topic}' (24 partitions)")
 
         env = {
             **os.environ,
@@ -95,6 +132,7 @@ def run_demo(
             "BILLING_KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
             "BILLING_TOPIC": topic,
             "BILLING_LAKE_ROOT": str(lake_root),
+            **extra_env,
         }
         ui = subprocess.Popen(
             [
@@ -124,6 +162,45 @@ def run_demo(
         except KeyboardInterrupt:
             echo("stopping ...")
         return 0 if ui.poll() in (None, 0, -signal.SIGTERM) else ui.returncode
+
+
+def _feed(
+    source: str,
+    broker: ApacheKafka | TansuBroker,
+    topic: str,
+    seed: int,
+    rate: float,
+    should_stop,
+    oltp_url: str | None,
+) -> None:
+    """Keep events coming until the demo stops."""
+    if source == "synthetic":
+        producer = make_producer(
+            broker.bootstrap_servers, single_record_batches=broker.kind == "tansu"
+        )
+        stream = SyntheticBillingStream(seed=seed)
+        produce_at_rate(producer, topic, stream, rate=rate, should_stop=should_stop)
+        return
+    workload = BillingWorkload(seed=seed)
+    if source == "cdc":
+        assert oltp_url is not None
+        with connect_oltp(oltp_url) as connection:
+            run_at_rate(
+                workload,
+                lambda batch: write_activities(connection, batch),
+                rate=rate,
+                should_stop=should_stop,
+            )
+        return
+    producer = make_producer(broker.bootstrap_servers, single_record_batches=broker.kind == "tansu")
+
+    def write(batch) -> None:
+        for key, value in billing_events_of(batch):
+            send_value(producer, topic, key, value)
+        producer.poll(0)
+
+    run_at_rate(workload, write, rate=rate, should_stop=should_stop)
+    producer.flush(30)
 
 
 def _raise_keyboard_interrupt(signum: int, frame: object) -> None:

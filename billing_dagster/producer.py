@@ -31,13 +31,17 @@ def make_producer(bootstrap_servers: str, *, single_record_batches: bool = False
     return Producer(config)
 
 
-def send(producer: Producer, topic: str, record: GeneratedRecord) -> None:
+def send_value(producer: Producer, topic: str, key: bytes, value: bytes | None) -> None:
     while True:
         try:
-            producer.produce(topic, key=record.key, value=record.value)
+            producer.produce(topic, key=key, value=value)
             return
         except BufferError:  # local queue full: let deliveries drain, then retry
             producer.poll(0.05)
+
+
+def send(producer: Producer, topic: str, record: GeneratedRecord) -> None:
+    send_value(producer, topic, record.key, record.value)
 
 
 def produce_records(producer: Producer, topic: str, records: Iterable[GeneratedRecord]) -> Counter:

@@ -60,13 +60,14 @@ def _first_line(exc: Exception) -> str:
 
 
 @contextmanager
-def connect(url: str) -> Iterator[psycopg2.extensions.connection]:
+def connect(
+    url: str, *, setting: str = "BILLING_POSTGRES_URL", what: str = "the serving Postgres"
+) -> Iterator[psycopg2.extensions.connection]:
     try:
         connection = psycopg2.connect(url, connect_timeout=10)
     except psycopg2.OperationalError as exc:
         raise ServingUnavailableError(
-            f"cannot reach the serving Postgres at {_redacted(url)} (BILLING_POSTGRES_URL): "
-            f"{_first_line(exc)}"
+            f"cannot reach {what} at {_redacted(url)} ({setting}): {_first_line(exc)}"
         ) from None
     try:
         yield connection
@@ -77,29 +78,43 @@ def connect(url: str) -> Iterator[psycopg2.extensions.connection]:
 # ---- migrations --------------------------------------------------------------------
 
 
-def migration_files() -> list[Path]:
-    return sorted(MIGRATIONS_DIR.glob("*.sql"))
+def migration_files(directory: Path = MIGRATIONS_DIR) -> list[Path]:
+    return sorted(directory.glob("*.sql"))
 
 
-def migrate(url: str) -> list[str]:
+def migrate(
+    url: str,
+    directory: Path = MIGRATIONS_DIR,
+    *,
+    setting: str = "BILLING_POSTGRES_URL",
+    what: str = "the serving Postgres",
+) -> list[str]:
     """Apply the migrations not yet applied, in file-name order; returns their names.
 
     Safe to run any number of times and from several processes at once."""
     applied: list[str] = []
-    with connect(url) as connection, connection, connection.cursor() as cursor:
+    with (
+        connect(url, setting=setting, what=what) as connection,
+        connection,
+        connection.cursor() as cursor,
+    ):
         cursor.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        # Qualified: a role named like a schema (user billing, schema billing) would
+        # otherwise find a second, empty ledger through search_path's "$user".
         cursor.execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            "CREATE TABLE IF NOT EXISTS public.schema_migrations ("
             " version TEXT PRIMARY KEY,"
             " applied_at TIMESTAMP WITH TIME ZONE NOT NULL DEFAULT NOW())"
         )
-        cursor.execute("SELECT version FROM schema_migrations")
+        cursor.execute("SELECT version FROM public.schema_migrations")
         done = {row[0] for row in cursor.fetchall()}
-        for path in migration_files():
+        for path in migration_files(directory):
             if path.name in done:
                 continue
             cursor.execute(path.read_text())
-            cursor.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (path.name,))
+            cursor.execute(
+                "INSERT INTO public.schema_migrations (version) VALUES (%s)", (path.name,)
+            )
             applied.append(path.name)
     return applied
 

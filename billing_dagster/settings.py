@@ -44,6 +44,7 @@ class Settings:
     alert_webhook_url: str | None
     runbook_base_url: str
     cdc_status_url: str | None
+    oltp_url: str | None
     lag_alert_threshold: int
     validation_alert_pct: Decimal
     alerts_interval_s: int
@@ -163,6 +164,10 @@ def _postgres_url(env: Mapping[str, str], name: str) -> str:
     return raw
 
 
+def _optional_postgres_url(env: Mapping[str, str], name: str) -> str | None:
+    return _postgres_url(env, name) if env.get(name, "").strip() else None
+
+
 def _percent(env: Mapping[str, str], name: str, default: str) -> Decimal:
     raw = env.get(name, "").strip() or default
     try:
@@ -225,6 +230,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         alert_webhook_url=_http_url(env, "BILLING_ALERT_WEBHOOK_URL"),
         runbook_base_url=env.get("BILLING_RUNBOOK_BASE_URL", "").strip() or "docs/runbooks/",
         cdc_status_url=_http_url(env, "BILLING_CDC_STATUS_URL"),
+        oltp_url=_optional_postgres_url(env, "BILLING_OLTP_URL"),
         lag_alert_threshold=_int(env, "BILLING_LAG_ALERT_THRESHOLD", 10_000),
         validation_alert_pct=_percent(env, "BILLING_VALIDATION_ALERT_PERCENT", "0.01"),
         alerts_interval_s=_int(env, "BILLING_ALERTS_INTERVAL_SECONDS", 30),

@@ -4,5 +4,9 @@
 # `billing-dagster demo` (see --help).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-dev/setup.sh demo
+# Apache Kafka and Debezium (--broker kafka, --source cdc) need the Java side of the setup.
+case " $* " in
+  *" kafka "* | *"--broker=kafka"* | *" cdc "* | *"--source=cdc"*) dev/setup.sh test ;;
+  *) dev/setup.sh demo ;;
+esac
 exec .venv/bin/billing-dagster demo "$@"

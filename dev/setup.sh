@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything billing-dagster needs on a fresh Debian machine; safe to re-run.
 #   dev/setup.sh demo   Python deps + Debian postgresql (the demo broker is embedded)
-#   dev/setup.sh test   the above + a JDK and Maven, and Apache Kafka jars via Maven
+#   dev/setup.sh test   the above + a JDK and Maven, and via Maven the Apache Kafka jars and
+#                       Kafka Connect with the Debezium PostgreSQL connector
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-test}"
@@ -38,5 +39,11 @@ if [ "$mode" = test ]; then
     echo "setup: fetching Apache Kafka jars with Maven"
     rm -rf dev/kafka/libs
     mvn -q -B -f dev/kafka/pom.xml dependency:copy-dependencies -DoutputDirectory=libs
+  fi
+  if ! compgen -G "dev/debezium/libs/debezium-connector-postgres-*.jar" >/dev/null \
+     || [ dev/debezium/pom.xml -nt dev/debezium/libs ]; then
+    echo "setup: fetching Kafka Connect and the Debezium PostgreSQL connector with Maven"
+    rm -rf dev/debezium/libs
+    mvn -q -B -f dev/debezium/pom.xml dependency:copy-dependencies -DoutputDirectory=libs
   fi
 fi

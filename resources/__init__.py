@@ -3,6 +3,7 @@
 from resources.analytics import RevenueAnalyticsResource
 from resources.kafka import KafkaResource
 from resources.lake import DeltaLakeResource
+from resources.oltp import OltpSourceResource
 from resources.postgres import PostgresServingResource
 from resources.rules import BillingRulesResource
 
@@ -10,6 +11,7 @@ __all__ = [
     "BillingRulesResource",
     "DeltaLakeResource",
     "KafkaResource",
+    "OltpSourceResource",
     "PostgresServingResource",
     "RevenueAnalyticsResource",
 ]
