@@ -1,5 +1,6 @@
 """The demo command as a person runs it: real `dagster dev` (webserver, daemon, sensor,
-queued runs in subprocesses) on Postgres storage, fed by the synthetic producer."""
+queued runs in subprocesses) on Postgres storage, fed by the synthetic producer or by the
+workload generator through the OLTP database and Debezium."""
 
 from __future__ import annotations
 
@@ -67,8 +68,16 @@ def serving_totals(demo_output: str) -> tuple[int, Decimal, Decimal] | None:
     return (customers, balance_total, ledger_total) if customers else None
 
 
-@pytest.mark.parametrize("broker", ["tansu", "kafka"])
-def test_demo_runs_the_pipeline_in_the_ui_and_stops_cleanly(tmp_path: Path, broker: str):
+@pytest.mark.parametrize(
+    ("broker", "source"),
+    [
+        ("tansu", "synthetic"),  # the default: ./dev/demo.sh
+        ("kafka", "cdc"),  # workload -> OLTP Postgres -> Debezium -> Apache Kafka
+    ],
+)
+def test_demo_runs_the_pipeline_in_the_ui_and_stops_cleanly(
+    tmp_path: Path, broker: str, source: str
+):
     port = free_port()
     state = tmp_path / "demo"
     log = tmp_path / "demo.log"
@@ -83,6 +92,8 @@ def test_demo_runs_the_pipeline_in_the_ui_and_stops_cleanly(tmp_path: Path, brok
             str(port),
             "--broker",
             broker,
+            "--source",
+            source,
             "--state-dir",
             str(state),
             "--rate",
@@ -121,7 +132,11 @@ def test_demo_runs_the_pipeline_in_the_ui_and_stops_cleanly(tmp_path: Path, brok
     broker_port = int(re.search(r"broker on 127\.0\.0\.1:(\d+)", output).group(1))
     postgres_port = int(re.search(r"postgresql://\S+@127\.0\.0\.1:(\d+)/", output).group(1))
     time.sleep(1)
-    for name, server_port in (("UI", port), ("broker", broker_port), ("Postgres", postgres_port)):
+    servers = [("UI", port), ("broker", broker_port), ("Postgres", postgres_port)]
+    if source == "cdc":
+        connect_port = re.search(r"connector status: http://127\.0\.0\.1:(\d+)/", output)
+        servers.append(("Kafka Connect", int(connect_port.group(1))))
+    for name, server_port in servers:
         assert not port_open(server_port), f"{name} still listening after the demo stopped"
     raw = pl.read_delta(str(state / "lake" / "raw"))
     assert raw.select("kafka_partition", "kafka_offset").n_unique() == raw.height
@@ -130,6 +145,8 @@ def test_demo_runs_the_pipeline_in_the_ui_and_stops_cleanly(tmp_path: Path, brok
     assert events.height > 0
     assert events["amount_usd"].null_count() == 0
     assert events["event_id"].n_unique() == events.height
+    if source == "cdc":  # only inserts of the money tables reach the billing topic
+        assert not (state / "lake" / "quarantine").exists()
     # The ingest runs refreshed the revenue aggregates; after catching up a run the stop
     # may have cut short, they hold exactly the accepted events' money.
     daily_path = state / "lake" / "aggregated" / "daily_revenue"

@@ -29,6 +29,7 @@ from billing_dagster.settings import ConfigError, load_settings
         ({"BILLING_LATE_EVENT_WATERMARK_SECONDS": "-5"}, "BILLING_LATE_EVENT_WATERMARK_SECONDS"),
         ({"BILLING_ALERT_WEBHOOK_URL": "hooks.example/x"}, "BILLING_ALERT_WEBHOOK_URL"),
         ({"BILLING_CDC_STATUS_URL": "localhost:8083"}, "BILLING_CDC_STATUS_URL"),
+        ({"BILLING_OLTP_URL": "mysql://db/billing"}, "BILLING_OLTP_URL"),
         ({"BILLING_LAG_ALERT_THRESHOLD": "many"}, "BILLING_LAG_ALERT_THRESHOLD"),
         ({"BILLING_VALIDATION_ALERT_PERCENT": "NaN"}, "BILLING_VALIDATION_ALERT_PERCENT"),
     ],
@@ -47,6 +48,7 @@ def test_defaults_need_no_configuration(tmp_path, monkeypatch):
     assert settings.sensor_interval_s == 5
     assert settings.late_event_watermark_s == 5.0
     assert str(settings.reconciliation_tolerance_pct) == "0.1"
+    assert settings.oltp_url is None  # no CDC: no OLTP reconciliation asset
     assert load_settings({"BILLING_LATE_EVENT_WATERMARK_SECONDS": "0"}).late_event_watermark_s == 0
 
 
