@@ -190,6 +190,59 @@ def _workload_to_kafka(settings, generator, rate, count, duration):
     return counts
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM stops servers as cleanly as Ctrl-C
+
+
+@main.command()
+@click.option(
+    "--print-config",
+    is_flag=True,
+    help="Only print the connector configuration as JSON (for POST /connectors on your own "
+    "Kafka Connect cluster).",
+)
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=REPO_ROOT / ".cdc",
+    show_default=True,
+    help="Connect's source offsets and log: a restart resumes where the last run stopped.",
+)
+def cdc(print_config: bool, state_dir: Path) -> None:
+    """Run Debezium (Kafka Connect standalone, from dev/debezium) capturing the OLTP tables
+    at BILLING_OLTP_URL into BILLING_TOPIC on BILLING_KAFKA_BOOTSTRAP_SERVERS, until Ctrl-C."""
+    import json
+    import signal
+    import time
+
+    from billing_dagster.local_infra.debezium import LocalDebezium, connector_config
+    from billing_dagster.oltp import migrate_oltp
+
+    settings = load_settings()
+    if not settings.oltp_url:
+        raise ConfigError("cdc needs BILLING_OLTP_URL (the OLTP billing database)")
+    if print_config:
+        click.echo(json.dumps(connector_config(settings.oltp_url, settings.topic), indent=2))
+        return
+    migrate_oltp(settings.oltp_url)
+    _ensure_topic(settings)
+    signal.signal(signal.SIGTERM, _interrupt)
+    server = LocalDebezium(
+        settings.kafka_bootstrap_servers, settings.oltp_url, settings.topic, workdir=state_dir
+    )
+    try:
+        server.start()
+        click.echo(f"Debezium is capturing the OLTP tables into {settings.topic}")
+        click.echo(f"connector status (BILLING_CDC_STATUS_URL): {server.status_url}")
+        while server.process is not None and server.process.poll() is None:
+            time.sleep(1)
+        raise InfraError(f"Kafka Connect exited; its log: {server.log}")
+    except KeyboardInterrupt:
+        click.echo("stopping Debezium ...")
+    finally:
+        server.stop()
+
+
 @main.command()
 @click.option("--port", type=int, default=3000, show_default=True, help="Dagster UI port.")
 @click.option(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -305,3 +306,74 @@ def test_workload_cli_writes_oltp_or_kafka_and_refuses_a_missing_database(kafka,
     )
     assert unreachable.returncode == 2
     assert "BILLING_OLTP_URL" in unreachable.stderr and "Traceback" not in unreachable.stderr
+
+
+def start_cdc_cli(env: dict[str, str], state_dir) -> tuple[subprocess.Popen, str]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "billing_dagster.cli", "cdc", "--state-dir", str(state_dir)],
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    for line in process.stdout:
+        if "connector status" in line:
+            return process, line.rsplit(" ", 1)[-1].strip()
+    raise AssertionError(f"cdc exited with {process.wait()} before the connector ran")
+
+
+def stop_cli(process: subprocess.Popen) -> str:
+    process.send_signal(signal.SIGTERM)
+    rest = process.stdout.read()
+    assert process.wait(timeout=60) == 0, rest
+    return rest
+
+
+def test_cdc_command_runs_debezium_until_stopped_and_resumes_from_its_offsets(
+    kafka, topic, oltp_url, tmp_path
+):
+    env = {
+        "BILLING_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
+        "BILLING_TOPIC": topic,
+        "BILLING_OLTP_URL": oltp_url,
+    }
+    config = run_cli("cdc", "--print-config", env=env)
+    assert json.loads(config.stdout)["snapshot.mode"] == "when_needed"
+    refused = run_cli("cdc", env={**env, "BILLING_OLTP_URL": ""})
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == (
+        "error: cdc needs BILLING_OLTP_URL (the OLTP billing database)"
+    )
+
+    workload = BillingWorkload(seed=8, customers=CUSTOMERS)
+    settings = KafkaSettings(kafka.bootstrap_servers, consumer_group=f"g-{topic}")
+
+    def wait_for(count: int) -> int:
+        deadline = time.monotonic() + 60
+        with KafkaClient(settings) as client:
+            while (n := sum(client.end_offsets(topic).values())) < count:
+                assert time.monotonic() < deadline, f"{n} of {count} changes in Kafka"
+                time.sleep(0.3)
+            return n
+
+    first = list(workload.activities(20))
+    write(oltp_url, first)
+    process, status_url = start_cdc_cli(env, tmp_path / "cdc")
+    assert probe_connector(status_url).state == "RUNNING"
+    expected = len(billing_events_of(first))
+    assert wait_for(expected) == expected  # the initial snapshot
+    time.sleep(2)  # an offset flush (every second) after the snapshot
+    assert "stopping Debezium" in stop_cli(process)
+    assert probe_connector(status_url).state == "UNREACHABLE"
+
+    second = list(workload.activities(20))
+    write(oltp_url, second)  # committed while CDC is stopped
+    process, _ = start_cdc_cli(env, tmp_path / "cdc")
+    try:
+        expected += len(billing_events_of(second))
+        # Resumed from the stored offsets: the new rows, and no second snapshot.
+        assert wait_for(expected) == expected
+        time.sleep(2)
+        assert wait_for(expected) == expected
+    finally:
+        stop_cli(process)

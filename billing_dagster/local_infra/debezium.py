@@ -95,13 +95,22 @@ class LocalDebezium(LocalServer):
     """
 
     def __init__(
-        self, bootstrap_servers: str, postgres_url: str, topic: str, *, heap: str = "512m"
+        self,
+        bootstrap_servers: str,
+        postgres_url: str,
+        topic: str,
+        *,
+        heap: str = "512m",
+        workdir: Path | None = None,
     ) -> None:
         self.bootstrap_servers = bootstrap_servers
         self.postgres_url = postgres_url
         self.topic = topic
         self.heap = heap
-        self.workdir = Path(tempfile.mkdtemp(prefix="billing-debezium-"))
+        # A given work folder (offsets, config, log) outlives stop(); a temporary one does not.
+        self._own_dir = workdir is None
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="billing-debezium-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.log = self.workdir / "connect.log"
         self.process: subprocess.Popen | None = None
@@ -196,7 +205,8 @@ class LocalDebezium(LocalServer):
 
     def stop(self) -> None:
         self.halt()
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        if self._own_dir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def _properties(values: dict[str, str]) -> str:
