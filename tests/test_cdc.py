@@ -135,6 +135,10 @@ def test_oltp_rows_reach_lake_and_balances_exactly_once_across_a_debezium_crash(
         quarantine = pipeline.lake.open(QUARANTINE_TABLE)
         assert quarantine is None or read_table(pipeline.lake, QUARANTINE_TABLE).is_empty()
         assert records_in(pipeline, topic) >= source.height
+        # Each customer's changes share one partition (PartitionRouting on customer_id).
+        partitions = lake.group_by("customer_id").agg(pl.col("kafka_partition").n_unique())
+        assert (partitions["kafka_partition"] == 1).all()
+        assert lake["kafka_partition"].n_unique() > 5
 
         # The same activities sent straight to Kafka (no CDC) make the very same events.
         direct = pl.DataFrame(

@@ -48,8 +48,11 @@ def reference_topic(postgres_url: str, table: str) -> str:
     return f"{topic_prefix(postgres_url)}.billing.{table}"
 
 
-def connector_config(postgres_url: str, billing_topic: str) -> dict[str, str]:
-    """The Debezium connector's configuration for an OLTP database URL."""
+def connector_config(
+    postgres_url: str, billing_topic: str, *, partitions: int = 24
+) -> dict[str, str]:
+    """The Debezium connector's configuration for an OLTP database URL. `partitions` is
+    the billing topic's partition count: each customer's changes go to one of them."""
     url = urlparse(postgres_url)
     database = url.path.lstrip("/")
     routed = "|".join(BILLING_EVENT_TABLES)
@@ -78,10 +81,22 @@ def connector_config(postgres_url: str, billing_topic: str) -> dict[str, str]:
         "key.converter.schemas.enable": "false",
         "value.converter": "org.apache.kafka.connect.json.JsonConverter",
         "value.converter.schemas.enable": "false",
-        "transforms": "route",
+        "transforms": "route,by_customer",
         "transforms.route.type": "org.apache.kafka.connect.transforms.RegexRouter",
         "transforms.route.regex": re.escape(topic_prefix(postgres_url)) + rf"\.billing\.({routed})",
         "transforms.route.replacement": billing_topic,
+        # Keys stay the rows' primary keys, but the partition follows the customer, as the
+        # reference producer's customer-id key does: a customer's payment and its later
+        # refund share a partition, in commit order, so no batch sees the refund alone.
+        "transforms.by_customer.type": "io.debezium.transforms.partitions.PartitionRouting",
+        "transforms.by_customer.partition.payload.fields": "change.customer_id",
+        "transforms.by_customer.partition.topic.num": str(partitions),
+        "transforms.by_customer.predicate": "billing_topic",
+        "predicates": "billing_topic",
+        "predicates.billing_topic.type": (
+            "org.apache.kafka.connect.transforms.predicates.TopicNameMatches"
+        ),
+        "predicates.billing_topic.pattern": re.escape(billing_topic),
         "topic.creation.default.partitions": "1",
         "topic.creation.default.replication.factor": "1",
     }
