@@ -53,6 +53,19 @@ def _ensure_topic(settings) -> None:
         ) from None
 
 
+def _until(unit: str):
+    """--count and --duration, the stop conditions of `produce` and `workload`."""
+    count = click.option(
+        "--count", type=click.IntRange(min=1), help=f"Stop after this many {unit}."
+    )
+    duration = click.option(
+        "--duration",
+        type=click.FloatRange(min=0, min_open=True),
+        help="Stop after this many seconds.",
+    )
+    return lambda command: count(duration(command))
+
+
 @main.command()
 @click.option(
     "--rate",
@@ -61,10 +74,7 @@ def _ensure_topic(settings) -> None:
     show_default=True,
     help="Events per second.",
 )
-@click.option("--count", type=click.IntRange(min=1), help="Stop after this many events.")
-@click.option(
-    "--duration", type=click.FloatRange(min=0, min_open=True), help="Stop after this many seconds."
-)
+@_until("events")
 @click.option("--seed", type=int, default=7, show_default=True)
 @click.option("--duplicate-rate", type=click.FloatRange(0, 1), default=0.01, show_default=True)
 @click.option("--invalid-rate", type=click.FloatRange(0, 1), default=0.005, show_default=True)
@@ -116,10 +126,7 @@ def produce(
     show_default=True,
     help="Activities (OLTP transactions) per second; nearly each makes one billing event.",
 )
-@click.option("--count", type=click.IntRange(min=1), help="Stop after this many activities.")
-@click.option(
-    "--duration", type=click.FloatRange(min=0, min_open=True), help="Stop after this many seconds."
-)
+@_until("activities")
 @click.option(
     "--to",
     "target",
@@ -146,48 +153,29 @@ def workload(rate, count, duration, target, seed, customers) -> None:
     target = target or ("oltp" if settings.oltp_url else "kafka")
     generator = BillingWorkload(seed=seed, customers=customers)
     if target == "oltp":
-        counts = _workload_to_oltp(settings, generator, rate, count, duration)
+        from billing_dagster.oltp import migrate_oltp, write_workload_at_rate
+
+        if not settings.oltp_url:
+            raise ConfigError("--to oltp needs BILLING_OLTP_URL (the OLTP billing database)")
+        migrate_oltp(settings.oltp_url)
+        counts = write_workload_at_rate(
+            settings.oltp_url, generator, rate=rate, count=count, duration_s=duration
+        )
         where = "the OLTP billing tables"
     else:
-        counts = _workload_to_kafka(settings, generator, rate, count, duration)
+        from billing_dagster.producer import make_producer, produce_workload_at_rate
+
+        _ensure_topic(settings)
+        producer = make_producer(settings.kafka_bootstrap_servers)
+        try:
+            counts = produce_workload_at_rate(
+                producer, settings.topic, generator, rate=rate, count=count, duration_s=duration
+            )
+        except RuntimeError as exc:
+            raise KafkaUnavailableError(str(exc)) from None
         where = settings.topic
     kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
     click.echo(f"wrote {sum(counts.values())} activities to {where}: {kinds}")
-
-
-def _workload_to_oltp(settings, generator, rate, count, duration):
-    from billing_dagster.oltp import connect_oltp, migrate_oltp, write_activities
-    from billing_dagster.workload import run_at_rate
-
-    if not settings.oltp_url:
-        raise ConfigError("--to oltp needs BILLING_OLTP_URL (the OLTP billing database)")
-    migrate_oltp(settings.oltp_url)
-    with connect_oltp(settings.oltp_url) as connection:
-        return run_at_rate(
-            generator,
-            lambda batch: write_activities(connection, batch),
-            rate=rate,
-            count=count,
-            duration_s=duration,
-        )
-
-
-def _workload_to_kafka(settings, generator, rate, count, duration):
-    from billing_dagster.producer import make_producer, send_value
-    from billing_dagster.workload import billing_events_of, run_at_rate
-
-    _ensure_topic(settings)
-    producer = make_producer(settings.kafka_bootstrap_servers)
-
-    def write(batch) -> None:
-        for key, value in billing_events_of(batch):
-            send_value(producer, settings.topic, key, value)
-        producer.poll(0)
-
-    counts = run_at_rate(generator, write, rate=rate, count=count, duration_s=duration)
-    if producer.flush(60):
-        raise KafkaUnavailableError("billing events were not acknowledged by Kafka in 60 s")
-    return counts
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -3,7 +3,8 @@ reading a day of its money rows back for reconciliation."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 
@@ -13,7 +14,13 @@ from psycopg2 import sql
 
 from billing_dagster.contract import EVENT_SCHEMA
 from billing_dagster.serving import connect, migrate
-from billing_dagster.workload import PRIMARY_KEYS, Activity, RowChange
+from billing_dagster.workload import (
+    PRIMARY_KEYS,
+    Activity,
+    BillingWorkload,
+    RowChange,
+    run_at_rate,
+)
 
 OLTP_MIGRATIONS_DIR = Path(__file__).parent / "oltp_migrations"
 OLTP_SETTING = "BILLING_OLTP_URL"
@@ -59,6 +66,27 @@ def write_activities(
                 cursor.execute(*_statement(change))
         committed += 1
     return committed
+
+
+def write_workload_at_rate(
+    url: str,
+    workload: BillingWorkload,
+    *,
+    rate: float,
+    count: int | None = None,
+    duration_s: float | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> Counter:
+    """The workload generator's activities into the OLTP tables, `rate` a second."""
+    with connect_oltp(url) as connection:
+        return run_at_rate(
+            workload,
+            lambda batch: write_activities(connection, batch),
+            rate=rate,
+            count=count,
+            duration_s=duration_s,
+            should_stop=should_stop,
+        )
 
 
 # Reconciliation reads the money rows as events with its own SQL, independent of the CDC

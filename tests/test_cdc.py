@@ -34,6 +34,7 @@ from billing_dagster.workload import BillingWorkload, billing_events_of
 from .conftest import Pipeline, pipeline_env
 from .test_alerts_sensor import AlertsSensor
 from .test_reconciliation import check_passed, run_ingest
+from .test_settings_and_cli import run_cli
 
 CUSTOMERS = 40  # few customers, so refunds, renewals and plan changes pile up on them
 # Yesterday, so the day is a partition of the daily reconciliation (today's is not, yet).
@@ -271,33 +272,23 @@ def test_reference_tables_go_to_their_own_topics(
     assert counts == expected
 
 
-def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "billing_dagster.cli", *args],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
 def test_workload_cli_writes_oltp_or_kafka_and_refuses_a_missing_database(kafka, topic, oltp_url):
     env = {"BILLING_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers, "BILLING_TOPIC": topic}
     to_oltp = run_cli(
-        "workload", "--count", "25", "--rate", "500", env={**env, "BILLING_OLTP_URL": oltp_url}
+        "workload", "--count", "25", "--rate", "500", **env, BILLING_OLTP_URL=oltp_url
     )
     assert to_oltp.returncode == 0, to_oltp.stderr
     assert "wrote 25 activities to the OLTP billing tables" in to_oltp.stdout
     assert oltp_events(oltp_url).height >= 20
 
-    to_kafka = run_cli("workload", "--count", "25", "--rate", "500", env=env)
+    to_kafka = run_cli("workload", "--count", "25", "--rate", "500", **env)
     assert to_kafka.returncode == 0, to_kafka.stderr
     assert f"wrote 25 activities to {topic}" in to_kafka.stdout
     settings = KafkaSettings(kafka.bootstrap_servers, consumer_group=f"g-{topic}")
     with KafkaClient(settings) as client:
         assert sum(client.end_offsets(topic).values()) >= 20
 
-    no_oltp = run_cli("workload", "--count", "5", "--to", "oltp", env=env)
+    no_oltp = run_cli("workload", "--count", "5", "--to", "oltp", **env)
     assert no_oltp.returncode == 2
     assert no_oltp.stderr.strip().splitlines() == [
         "error: --to oltp needs BILLING_OLTP_URL (the OLTP billing database)"
@@ -306,7 +297,8 @@ def test_workload_cli_writes_oltp_or_kafka_and_refuses_a_missing_database(kafka,
         "workload",
         "--count",
         "5",
-        env={**env, "BILLING_OLTP_URL": "postgresql://billing@127.0.0.1:1/nowhere"},
+        **env,
+        BILLING_OLTP_URL="postgresql://billing@127.0.0.1:1/nowhere",
     )
     assert unreachable.returncode == 2
     assert "BILLING_OLTP_URL" in unreachable.stderr and "Traceback" not in unreachable.stderr
@@ -341,9 +333,9 @@ def test_cdc_command_runs_debezium_until_stopped_and_resumes_from_its_offsets(
         "BILLING_TOPIC": topic,
         "BILLING_OLTP_URL": oltp_url,
     }
-    config = run_cli("cdc", "--print-config", env=env)
+    config = run_cli("cdc", "--print-config", **env)
     assert json.loads(config.stdout)["snapshot.mode"] == "when_needed"
-    refused = run_cli("cdc", env={**env, "BILLING_OLTP_URL": ""})
+    refused = run_cli("cdc", **{**env, "BILLING_OLTP_URL": ""})
     assert refused.returncode == 2
     assert refused.stderr.strip() == (
         "error: cdc needs BILLING_OLTP_URL (the OLTP billing database)"
