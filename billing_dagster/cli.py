@@ -145,34 +145,31 @@ def produce(
 def workload(rate, count, duration, target, seed, customers) -> None:
     """Write realistic billing activity: subscriptions with plan changes and prorations,
     invoices, payments in several currencies, refunds and chargebacks of earlier payments."""
-    from billing_dagster.workload import BillingWorkload
+    from billing_dagster.workload import BillingWorkload, run_at_rate
 
     settings = load_settings()
     if count is None and duration is None:
         raise click.UsageError("give --count or --duration (or both)")
     target = target or ("oltp" if settings.oltp_url else "kafka")
     generator = BillingWorkload(seed=seed, customers=customers)
+    until = {"rate": rate, "count": count, "duration_s": duration}
     if target == "oltp":
-        from billing_dagster.oltp import migrate_oltp, write_workload_at_rate
+        from billing_dagster.oltp import connect_oltp, migrate_oltp, write_activities
 
         if not settings.oltp_url:
             raise ConfigError("--to oltp needs BILLING_OLTP_URL (the OLTP billing database)")
         migrate_oltp(settings.oltp_url)
-        counts = write_workload_at_rate(
-            settings.oltp_url, generator, rate=rate, count=count, duration_s=duration
-        )
+        with connect_oltp(settings.oltp_url) as connection:
+            counts = run_at_rate(generator, lambda b: write_activities(connection, b), **until)
         where = "the OLTP billing tables"
     else:
-        from billing_dagster.producer import make_producer, produce_workload_at_rate
+        from billing_dagster.producer import billing_event_writer, make_producer
 
         _ensure_topic(settings)
         producer = make_producer(settings.kafka_bootstrap_servers)
-        try:
-            counts = produce_workload_at_rate(
-                producer, settings.topic, generator, rate=rate, count=count, duration_s=duration
-            )
-        except RuntimeError as exc:
-            raise KafkaUnavailableError(str(exc)) from None
+        counts = run_at_rate(generator, billing_event_writer(producer, settings.topic), **until)
+        if producer.flush(60):
+            raise KafkaUnavailableError("billing events were not acknowledged by Kafka in 60 s")
         where = settings.topic
     kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
     click.echo(f"wrote {sum(counts.values())} activities to {where}: {kinds}")

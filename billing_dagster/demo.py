@@ -28,11 +28,11 @@ from billing_dagster.local_infra.kafka import ApacheKafka
 from billing_dagster.local_infra.postgres import LocalPostgres
 from billing_dagster.local_infra.process import REPO_ROOT, InfraError, port_open
 from billing_dagster.local_infra.tansu import TansuBroker
-from billing_dagster.oltp import migrate_oltp, write_workload_at_rate
-from billing_dagster.producer import make_producer, produce_at_rate, produce_workload_at_rate
+from billing_dagster.oltp import connect_oltp, migrate_oltp, write_activities
+from billing_dagster.producer import billing_event_writer, make_producer, produce_at_rate
 from billing_dagster.serving import migrate
 from billing_dagster.synthetic import SyntheticBillingStream
-from billing_dagster.workload import BillingWorkload
+from billing_dagster.workload import BillingWorkload, run_at_rate
 
 SOURCES = ("synthetic", "workload", "cdc")
 CDC_TOPIC = "billing-cdc"
@@ -184,10 +184,17 @@ def _feed(
     workload = BillingWorkload(seed=seed)
     if source == "cdc":
         assert oltp_url is not None
-        write_workload_at_rate(oltp_url, workload, rate=rate, should_stop=should_stop)
+        with connect_oltp(oltp_url) as connection:
+            run_at_rate(
+                workload,
+                lambda batch: write_activities(connection, batch),
+                rate=rate,
+                should_stop=should_stop,
+            )
         return
     producer = make_producer(broker.bootstrap_servers, single_record_batches=broker.kind == "tansu")
-    produce_workload_at_rate(producer, topic, workload, rate=rate, should_stop=should_stop)
+    run_at_rate(workload, billing_event_writer(producer, topic), rate=rate, should_stop=should_stop)
+    producer.flush(30)
 
 
 def _raise_keyboard_interrupt(signum: int, frame: object) -> None:

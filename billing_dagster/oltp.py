@@ -3,8 +3,7 @@ reading a day of its money rows back for reconciliation."""
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 
@@ -14,13 +13,7 @@ from psycopg2 import sql
 
 from billing_dagster.contract import EVENT_SCHEMA
 from billing_dagster.serving import connect, migrate
-from billing_dagster.workload import (
-    PRIMARY_KEYS,
-    Activity,
-    BillingWorkload,
-    RowChange,
-    run_at_rate,
-)
+from billing_dagster.workload import PRIMARY_KEYS, Activity, RowChange
 
 OLTP_MIGRATIONS_DIR = Path(__file__).parent / "oltp_migrations"
 OLTP_SETTING = "BILLING_OLTP_URL"
@@ -66,27 +59,6 @@ def write_activities(
                 cursor.execute(*_statement(change))
         committed += 1
     return committed
-
-
-def write_workload_at_rate(
-    url: str,
-    workload: BillingWorkload,
-    *,
-    rate: float,
-    count: int | None = None,
-    duration_s: float | None = None,
-    should_stop: Callable[[], bool] = lambda: False,
-) -> Counter:
-    """The workload generator's activities into the OLTP tables, `rate` a second."""
-    with connect_oltp(url) as connection:
-        return run_at_rate(
-            workload,
-            lambda batch: write_activities(connection, batch),
-            rate=rate,
-            count=count,
-            duration_s=duration_s,
-            should_stop=should_stop,
-        )
 
 
 # Reconciliation reads the money rows as events with its own SQL, independent of the CDC

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable
 from confluent_kafka import Producer
 
 from billing_dagster.synthetic import GeneratedRecord, SyntheticBillingStream
-from billing_dagster.workload import Activity, BillingWorkload, billing_events_of, run_at_rate
+from billing_dagster.workload import Activity, billing_events_of
 
 
 def make_producer(bootstrap_servers: str, *, single_record_batches: bool = False) -> Producer:
@@ -92,27 +92,13 @@ def produce_at_rate(
     return counts
 
 
-def produce_workload_at_rate(
-    producer: Producer,
-    topic: str,
-    workload: BillingWorkload,
-    *,
-    rate: float,
-    count: int | None = None,
-    duration_s: float | None = None,
-    should_stop: Callable[[], bool] = lambda: False,
-) -> Counter:
-    """The workload generator's billing events straight to Kafka (no OLTP, no CDC):
-    `rate` activities a second; returns the activities written per kind."""
+def billing_event_writer(producer: Producer, topic: str) -> Callable[[list[Activity]], None]:
+    """Writes workload activities' billing events straight to Kafka (no OLTP, no CDC), for
+    `workload.run_at_rate`; flush the producer when done."""
 
     def write(batch: list[Activity]) -> None:
         for key, value in billing_events_of(batch):
             send_value(producer, topic, key, value)
         producer.poll(0)
 
-    counts = run_at_rate(
-        workload, write, rate=rate, count=count, duration_s=duration_s, should_stop=should_stop
-    )
-    if producer.flush(60):
-        raise RuntimeError("billing events were not acknowledged by Kafka in 60 s")
-    return counts
+    return write
