@@ -38,6 +38,8 @@ AGGREGATE_ASSETS: dict[str, str] = {
     ),
 }
 
+AGGREGATE_KEYS: list[dg.AssetKey] = [dg.AssetKey(name) for name in AGGREGATE_ASSETS]
+
 
 def _asset_name(table: AggregateTable) -> str:
     return table.name.rsplit("/", 1)[-1]

@@ -10,11 +10,13 @@ import click
 from billing_dagster.enrichment import ReferenceDataError
 from billing_dagster.kafka_io import KafkaUnavailableError, ensure_topic
 from billing_dagster.local_infra.process import REPO_ROOT, InfraError
+from billing_dagster.operations import OperationError
 from billing_dagster.serving import ServingUnavailableError
 from billing_dagster.settings import ConfigError, load_settings
 
 USER_ERRORS = (
     ConfigError,
+    OperationError,
     InfraError,
     KafkaUnavailableError,
     ReferenceDataError,
@@ -36,6 +38,13 @@ class BillingGroup(click.Group):
 @click.group(cls=BillingGroup)
 def main() -> None:
     """billing-dagster: Kafka billing events to trusted money figures."""
+    import logging
+
+    from billing_dagster.kafka_io import LIBRDKAFKA_LOG
+
+    # The error a command ends with says it once; the client's retry chatter is not shown.
+    LIBRDKAFKA_LOG.addHandler(logging.NullHandler())
+    LIBRDKAFKA_LOG.propagate = False
 
 
 def _ensure_topic(settings) -> None:
@@ -443,6 +452,213 @@ def report(month: str, as_json: bool) -> None:
     )
     write_monthly_report(lake, result)
     click.echo(result.to_json() if as_json else result.to_text())
+
+
+# ---- operating the pipeline: status, replay, backfill ----------------------------------
+
+
+def _kafka_client(settings):
+    from billing_dagster.kafka_io import KafkaClient, KafkaSettings
+
+    return KafkaClient(
+        KafkaSettings(
+            settings.kafka_bootstrap_servers,
+            consumer_group=settings.consumer_group,
+            request_timeout_s=settings.kafka_request_timeout_s,
+        )
+    )
+
+
+def _last_ingest_run(instance) -> dict[str, object] | None:
+    import dagster as dg
+
+    from billing_dagster.definitions import INGEST_CONCURRENCY_TAG
+
+    for run in instance.get_runs(limit=50):
+        if INGEST_CONCURRENCY_TAG in run.tags and run.tags[INGEST_CONCURRENCY_TAG] != "reconcile":
+            record = instance.get_run_record_by_id(run.run_id)
+            return {
+                "run_id": run.run_id,
+                "job": run.job_name,
+                "status": run.status.value,
+                "kind": run.tags[INGEST_CONCURRENCY_TAG],
+                "partition": run.tags.get("dagster/partition"),
+                "backfill": run.tags.get("dagster/backfill"),
+                "updated_at": record.update_timestamp.isoformat() if record else None,
+                "failed": run.status == dg.DagsterRunStatus.FAILURE,
+            }
+    return None
+
+
+@main.command()
+@click.option("--topic", help="Default: BILLING_TOPIC.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(topic: str | None, as_json: bool) -> None:
+    """Where the pipeline stands: per Kafka partition the end offset, the offset processed
+    into the lake and the lag; the last ingest run; the last reconciliation."""
+    import json
+    import os
+
+    from billing_dagster.contract import RAW_TABLE
+    from billing_dagster.delta_lake import committed_offsets
+    from billing_dagster.operations import partition_status
+    from billing_dagster.reconciliation import latest_reconciliation
+
+    settings = load_settings()
+    topic = topic or settings.topic
+    lake = _lake()
+    with _kafka_client(settings) as client:
+        marks = client.watermarks(topic)  # an unknown topic is one clear error
+    committed = committed_offsets(lake.open(RAW_TABLE), topic, list(marks))
+    partitions = partition_status(marks, committed)
+    last_run = None
+    if os.environ.get("DAGSTER_HOME"):
+        from billing_dagster.backfills import dagster_instance
+
+        last_run = _last_ingest_run(dagster_instance())
+    recon = latest_reconciliation(lake)
+    report = {
+        "topic": topic,
+        "lag": sum(p.lag for p in partitions),
+        "partitions": [
+            {"partition": p.partition, "end": p.end, "processed": p.processed, "lag": p.lag}
+            for p in partitions
+        ],
+        "last_run": last_run,
+        "last_reconciliation": None
+        if recon is None
+        else {
+            "date": recon.day.isoformat(),
+            "max_discrepancy_pct": str(recon.max_discrepancy_pct),
+            "worst": recon.worst,
+        },
+    }
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"topic {topic}: total lag {report['lag']:,} records")
+    click.echo(f"{'partition':>9} {'end':>12} {'processed':>12} {'lag':>10}")
+    for p in partitions:
+        processed = "-" if p.processed is None else f"{p.processed:,}"
+        click.echo(f"{p.partition:>9} {p.end:>12,} {processed:>12} {p.lag:>10,}")
+    if last_run is None:
+        where = "" if os.environ.get("DAGSTER_HOME") else " (DAGSTER_HOME not set)"
+        click.echo(f"last ingest run: none{where}")
+    else:
+        click.echo(
+            f"last ingest run: {last_run['status']} {last_run['run_id'][:8]} "
+            f"({last_run['kind']}, partition {last_run['partition']}) at {last_run['updated_at']}"
+        )
+    if recon is None:
+        click.echo("last reconciliation: none")
+    else:
+        click.echo(
+            f"last reconciliation: {recon.day} worst {recon.max_discrepancy_pct}% ({recon.worst})"
+        )
+
+
+def _wait(instance, backfill_id: str, total: int, timeout: float, as_json: bool):
+    from billing_dagster.backfills import wait_for_backfill
+
+    if as_json:
+        return wait_for_backfill(instance, backfill_id, timeout_s=timeout)
+    with click.progressbar(length=total, label="runs finished", file=sys.stderr) as bar:
+        return wait_for_backfill(instance, backfill_id, timeout_s=timeout, on_progress=bar.update)
+
+
+@main.command()
+@click.option("--from", "start", required=True, help="Start of the range, e.g. 2024-12-15T10:00.")
+@click.option("--to", "end", required=True, help="End of the range (exclusive).")
+@click.option("--topic", help="Default: BILLING_TOPIC (the topic the pipeline is configured for).")
+@click.option("--dry-run", is_flag=True, help="Only show the log hours and offsets covered.")
+@click.option("--wait/--no-wait", default=False, help="Wait for the backfill's runs to finish.")
+@click.option("--timeout", type=click.FloatRange(min=1), default=1800.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def replay(start, end, topic, dry_run, wait, timeout, as_json) -> None:
+    """Reprocess the Kafka records of a time range (by Kafka timestamp, whole log hours) as a
+    Dagster backfill of the ingest assets. Offsets the lake already committed are skipped, so
+    a replay is safe to repeat and safe beside the live sensor."""
+    import json
+
+    from billing_dagster.contract import RAW_TABLE
+    from billing_dagster.delta_lake import committed_offsets
+    from billing_dagster.operations import parse_moment, plan_replay
+
+    settings = load_settings()
+    topic = topic or settings.topic
+    if topic != settings.topic:
+        raise OperationError(
+            f"the pipeline reads '{settings.topic}' (BILLING_TOPIC); to replay '{topic}', "
+            "run with BILLING_TOPIC set to it"
+        )
+    moments = parse_moment(start, "--from"), parse_moment(end, "--to")
+    lake = _lake()
+    with _kafka_client(settings) as client:
+        marks = client.watermarks(topic)  # an unknown topic is one clear error
+        plan = plan_replay(
+            topic,
+            *moments,
+            offset_lookup=lambda moment: client.offsets_for_time(topic, moment),
+            ends={p: high for p, (_, high) in marks.items()},
+            committed=committed_offsets(lake.open(RAW_TABLE), topic, list(marks)),
+        )
+    summary = plan.to_json()
+    if not as_json:
+        click.echo(
+            f"{topic} {plan.start:%Y-%m-%d %H:%M} .. {plan.end:%Y-%m-%d %H:%M} UTC: "
+            f"{len(plan.hours)} log hour(s), {plan.records:,} records, "
+            f"{plan.already_processed:,} already in the lake (skipped)"
+        )
+        for hour in plan.hours:
+            click.echo(
+                f"  {hour.partition_key}: {hour.records:,} records, {hour.to_process:,} to process"
+            )
+    if dry_run or not plan.hours:
+        if as_json:
+            click.echo(json.dumps({**summary, "dry_run": dry_run}, indent=2))
+        elif not plan.hours:
+            click.echo("nothing to replay: no records in that range")
+        return
+    from assets.aggregates import AGGREGATE_KEYS
+    from assets.ingest import (
+        BILLING_EVENTS,
+        CUSTOMER_BALANCES,
+        RAW_BILLING_EVENTS,
+        TRANSACTION_HISTORY,
+    )
+    from billing_dagster.backfills import dagster_instance, launch_backfill
+    from billing_dagster.definitions import INGEST_CONCURRENCY_TAG, build_definitions
+
+    instance = dagster_instance()
+    backfill_id = launch_backfill(
+        instance,
+        build_definitions(settings),
+        # The aggregates follow, as in a sensor-launched run: a replay that fills a gap
+        # brings revenue up to date too.
+        [
+            RAW_BILLING_EVENTS,
+            BILLING_EVENTS,
+            CUSTOMER_BALANCES,
+            TRANSACTION_HISTORY,
+            *AGGREGATE_KEYS,
+        ],
+        plan.partition_keys,
+        title=f"replay {topic} {plan.start:%Y-%m-%d %H:%M}..{plan.end:%Y-%m-%d %H:%M}",
+        # Queued with the sensor's runs (one ingest run at a time).
+        tags={INGEST_CONCURRENCY_TAG: "replay", "billing/replay": "true"},
+    )
+    summary["backfill_id"] = backfill_id
+    if not as_json:
+        click.echo(f"launched backfill {backfill_id} (UI: /runs/b/{backfill_id})")
+    if wait:
+        outcome = _wait(instance, backfill_id, len(plan.hours), timeout, as_json)
+        summary.update(status=outcome.status, runs=outcome.runs, failed_runs=outcome.failed_runs)
+        if not as_json:
+            click.echo(f"backfill {backfill_id}: {outcome.status}, {outcome.runs} run(s)")
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    if wait and not outcome.succeeded:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ consumer group is used only to publish committed offsets (lag for ordinary Kafka
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -52,9 +53,15 @@ class KafkaSettings:
     request_timeout_s: float = 10.0
 
 
+#: librdkafka's own log lines (connection refused, retries) go here, not to raw stderr: the
+#: Dagster runs show them, and the CLI reports an unreachable broker as one line instead.
+LIBRDKAFKA_LOG = logging.getLogger("billing_dagster.librdkafka")
+
+
 def _consumer_config(settings: KafkaSettings) -> dict[str, object]:
     return {
         "bootstrap.servers": settings.bootstrap_servers,
+        "logger": LIBRDKAFKA_LOG,
         "group.id": settings.consumer_group,
         "client.id": settings.client_id,
         "enable.auto.commit": False,
