@@ -511,11 +511,21 @@ def status(topic: str | None, as_json: bool) -> None:
         marks = client.watermarks(topic)  # an unknown topic is one clear error
     committed = committed_offsets(lake.open(RAW_TABLE), topic, list(marks))
     partitions = partition_status(marks, committed)
-    last_run = None
+    last_run, in_progress = None, None
     if os.environ.get("DAGSTER_HOME"):
-        from billing_dagster.backfills import dagster_instance
+        import dagster as dg
+        from dagster._core.storage.dagster_run import IN_PROGRESS_RUN_STATUSES
 
-        last_run = _last_ingest_run(dagster_instance())
+        from billing_dagster.backfills import dagster_instance
+        from billing_dagster.definitions import INGEST_CONCURRENCY_TAG
+
+        instance = dagster_instance()
+        last_run = _last_ingest_run(instance)
+        in_progress = sum(
+            1
+            for run in instance.get_runs(dg.RunsFilter(statuses=list(IN_PROGRESS_RUN_STATUSES)))
+            if INGEST_CONCURRENCY_TAG in run.tags
+        )
     recon = latest_reconciliation(lake)
     report = {
         "topic": topic,
@@ -525,6 +535,7 @@ def status(topic: str | None, as_json: bool) -> None:
             for p in partitions
         ],
         "last_run": last_run,
+        "ingest_runs_in_progress": in_progress,
         "last_reconciliation": None
         if recon is None
         else {
@@ -544,6 +555,8 @@ def status(topic: str | None, as_json: bool) -> None:
     if last_run is None:
         where = "" if os.environ.get("DAGSTER_HOME") else " (DAGSTER_HOME not set)"
         click.echo(f"last ingest run: none{where}")
+    if in_progress:
+        click.echo(f"ingest runs queued or running: {in_progress}")
     else:
         click.echo(
             f"last ingest run: {last_run['status']} {last_run['run_id'][:8]} "

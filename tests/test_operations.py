@@ -76,13 +76,18 @@ def cli(pipeline: Pipeline, *args: str) -> subprocess.CompletedProcess:
 
 
 def wait_until_caught_up(pipeline: Pipeline, timeout_s: float = 180) -> dict:
-    """`status --json` until the lake has processed every offset (lag 0)."""
+    """`status --json` until the lake has processed every offset (lag 0) and no ingest run
+    is queued or running."""
     deadline = time.monotonic() + timeout_s
     while True:
         result = cli(pipeline, "status", "--json")
         assert result.returncode == 0, result.stderr
         status = json.loads(result.stdout)
-        if status["lag"] == 0 and all(p["processed"] is not None for p in status["partitions"]):
+        if (
+            status["lag"] == 0
+            and all(p["processed"] is not None for p in status["partitions"])
+            and status["ingest_runs_in_progress"] == 0
+        ):
             return status
         assert time.monotonic() < deadline, f"still lagging: {status['lag']}"
         time.sleep(2)

@@ -109,7 +109,15 @@ class ApacheKafka(LocalServer):
             classpath,
         ]
         formatted = subprocess.run(
-            [*jvm, "kafka.tools.StorageTool", "format", "-t", _cluster_id(), "-c", str(config)],
+            [
+                *jvm,
+                "kafka.tools.StorageTool",
+                "format",
+                # "=": a random id may start with "-", which would read as an option.
+                f"--cluster-id={_cluster_id()}",
+                "-c",
+                str(config),
+            ],
             capture_output=True,
             text=True,
             timeout=120,
