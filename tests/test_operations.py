@@ -265,3 +265,67 @@ def test_replay_without_a_dagster_home_says_so(pipeline):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: DAGSTER_HOME is not set")
     assert "20 records, 0 already in the lake" in result.stdout
+
+
+@pytest.fixture
+def dagster_home(postgres, tmp_path) -> dict[str, str]:
+    """A Dagster instance on Postgres, as dev/dagster.yaml configures it (no daemon)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy(REPO_ROOT / "dev" / "dagster.yaml", home / "dagster.yaml")
+    url = postgres.create_database(f"dagster_{tmp_path.name[-12:].lower().replace('-', '_')}")
+    return {"DAGSTER_HOME": str(home), "DAGSTER_POSTGRES_URL": url}
+
+
+def test_backfill_command_registers_a_backfill_the_ui_shows(pipeline, dagster_home):
+    import dagster as dg
+
+    env = {**pipeline.env, **dagster_home}
+    result = run_cli(
+        "backfill",
+        "--asset",
+        "daily_reconciliation",
+        "--partitions",
+        "2024-03-01...2024-03-05",
+        "--json",
+        **env,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["partitions"] == [f"2024-03-0{d}" for d in range(1, 6)]
+
+    os.environ.update(dagster_home)  # the same instance, read back as the UI would
+    try:
+        with dg.DagsterInstance.get() as instance:
+            backfill = instance.get_backfill(report["backfill_id"])
+            assert backfill.status.value == "REQUESTED"  # the daemon takes it from here
+            assert backfill.tags["billing/ingest"] == "reconcile"
+            targeted = backfill.asset_backfill_data.target_subset
+            assert {
+                (p.asset_key.to_user_string(), p.partition_key)
+                for p in targeted.iterate_asset_partitions()
+            } == {("daily_reconciliation", k) for k in report["partitions"]}
+    finally:
+        for name in dagster_home:
+            os.environ.pop(name, None)
+
+    # The ingest step's assets come together, whichever of them is named.
+    hours = run_cli(
+        "backfill", "--asset", "billing_events", "--partitions", "2024-03-01-10:00", "--json", **env
+    )
+    assert hours.returncode == 0, hours.stderr
+    assert json.loads(hours.stdout)["assets"] == [
+        "billing_events",
+        "customer_balances",
+        "raw_billing_events",
+        "transaction_history",
+    ]
+
+    for args, message in (
+        (["--asset", "hourly_revenue", "--partitions", "x"], "--asset must be a partitioned"),
+        (["--asset", "daily_reconciliation", "--partitions", "2024-03-05...2024-03-01"], "after"),
+        (["--asset", "daily_reconciliation", "--partitions", "1999-01-01"], "no partition"),
+    ):
+        bad = run_cli("backfill", *args, **env)
+        assert bad.returncode == 2, bad.stdout + bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1 and message in bad.stderr, bad.stderr
