@@ -591,11 +591,12 @@ def replay(start, end, topic, dry_run, wait, timeout, as_json) -> None:
     """Reprocess the Kafka records of a time range (by Kafka timestamp, whole log hours) as a
     Dagster backfill of the ingest assets. Offsets the lake already committed are skipped, so
     a replay is safe to repeat and safe beside the live sensor."""
+    import io
     import json
 
     from billing_dagster.contract import RAW_TABLE
     from billing_dagster.delta_lake import committed_offsets
-    from billing_dagster.operations import parse_moment, plan_replay
+    from billing_dagster.operations import log_hours, parse_moment, plan_replay
 
     settings = load_settings()
     topic = topic or settings.topic
@@ -605,8 +606,16 @@ def replay(start, end, topic, dry_run, wait, timeout, as_json) -> None:
             "run with BILLING_TOPIC set to it"
         )
     moments = parse_moment(start, "--from"), parse_moment(end, "--to")
+    hours = len(log_hours(*moments))
     lake = _lake()
-    with _kafka_client(settings) as client:
+    with (
+        _kafka_client(settings) as client,
+        click.progressbar(
+            length=hours,
+            label="finding offsets per log hour",
+            file=sys.stderr if hours > 24 and not as_json else io.StringIO(),
+        ) as bar,
+    ):
         marks = client.watermarks(topic)  # an unknown topic is one clear error
         plan = plan_replay(
             topic,
@@ -614,6 +623,7 @@ def replay(start, end, topic, dry_run, wait, timeout, as_json) -> None:
             offset_lookup=lambda moment: client.offsets_for_time(topic, moment),
             ends={p: high for p, (_, high) in marks.items()},
             committed=committed_offsets(lake.open(RAW_TABLE), topic, list(marks)),
+            progress=bar.update,
         )
     summary = plan.to_json()
     if not as_json:
