@@ -62,6 +62,12 @@ def _ensure_topic(settings) -> None:
         ) from None
 
 
+def _echo_json(report: dict[str, object]) -> None:
+    import json
+
+    click.echo(json.dumps(report, indent=2, default=str))
+
+
 def _until(unit: str):
     """--count and --duration, the stop conditions of `produce` and `workload`."""
     count = click.option(
@@ -98,8 +104,17 @@ def _until(unit: str):
     is_flag=True,
     help="One record per produce batch (needed by the embedded Tansu broker).",
 )
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def produce(
-    rate, count, duration, seed, duplicate_rate, invalid_rate, create_topic, single_record_batches
+    rate,
+    count,
+    duration,
+    seed,
+    duplicate_rate,
+    invalid_rate,
+    create_topic,
+    single_record_batches,
+    as_json,
 ) -> None:
     """Write realistic synthetic billing events (with duplicates and invalid records)
     to BILLING_TOPIC on BILLING_KAFKA_BOOTSTRAP_SERVERS, keyed by customer id."""
@@ -121,6 +136,9 @@ def produce(
         producer, settings.topic, stream, rate=rate, count=count, duration_s=duration
     )
     total = sum(counts.values())
+    if as_json:
+        _echo_json({"topic": settings.topic, "records": total, **counts})
+        return
     click.echo(
         f"produced {total} records to {settings.topic}: {counts['valid']} valid, "
         f"{counts['duplicate']} duplicate deliveries, {counts['invalid']} invalid"
@@ -151,7 +169,8 @@ def produce(
     show_default=True,
     help="Customer ids 1001.. (as `reference demo` writes them).",
 )
-def workload(rate, count, duration, target, seed, customers) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def workload(rate, count, duration, target, seed, customers, as_json) -> None:
     """Write realistic billing activity: subscriptions with plan changes and prorations,
     invoices, payments in several currencies, refunds and chargebacks of earlier payments."""
     from billing_dagster.workload import BillingWorkload, run_at_rate
@@ -180,6 +199,9 @@ def workload(rate, count, duration, target, seed, customers) -> None:
         if producer.flush(60):
             raise KafkaUnavailableError("billing events were not acknowledged by Kafka in 60 s")
         where = settings.topic
+    if as_json:
+        _echo_json({"target": where, "activities": sum(counts.values()), "by_kind": counts})
+        return
     kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
     click.echo(f"wrote {sum(counts.values())} activities to {where}: {kinds}")
 

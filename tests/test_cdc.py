@@ -281,9 +281,11 @@ def test_workload_cli_writes_oltp_or_kafka_and_refuses_a_missing_database(kafka,
     assert "wrote 25 activities to the OLTP billing tables" in to_oltp.stdout
     assert oltp_events(oltp_url).height >= 20
 
-    to_kafka = run_cli("workload", "--count", "25", "--rate", "500", **env)
+    to_kafka = run_cli("workload", "--count", "25", "--rate", "500", "--json", **env)
     assert to_kafka.returncode == 0, to_kafka.stderr
-    assert f"wrote 25 activities to {topic}" in to_kafka.stdout
+    report = json.loads(to_kafka.stdout)
+    assert (report["target"], report["activities"]) == (topic, 25)
+    assert sum(report["by_kind"].values()) == 25
     settings = KafkaSettings(kafka.bootstrap_servers, consumer_group=f"g-{topic}")
     with KafkaClient(settings) as client:
         assert sum(client.end_offsets(topic).values()) >= 20

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -104,6 +105,21 @@ def test_cli_produces_to_real_kafka(kafka, topic):
         ends = client.end_offsets(topic)
     assert sum(ends.values()) == 400
     assert sum(1 for e in ends.values() if e) > 12  # keyed by customer over 24 partitions
+
+    as_json = run_cli(
+        "produce",
+        "--count",
+        "50",
+        "--rate",
+        "4000",
+        "--json",
+        BILLING_KAFKA_BOOTSTRAP_SERVERS=kafka.bootstrap_servers,
+        BILLING_TOPIC=topic,
+    )
+    report = json.loads(as_json.stdout)
+    assert (
+        report["records"] == 50 == sum(report.get(k, 0) for k in ("valid", "duplicate", "invalid"))
+    )
 
 
 def test_cli_loads_reference_tables_from_csv(tmp_path):
