@@ -118,25 +118,18 @@ def assert_same(before: dict[str, pl.DataFrame], after: dict[str, pl.DataFrame])
 
 def replay(pipeline: Pipeline, start: datetime, end: datetime) -> dict:
     """`replay --wait`: the daemon's backfill loop ticks every 30 s, so this takes a while."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "billing_dagster.cli",
-            "replay",
-            "--from",
-            start.isoformat(),
-            "--to",
-            end.isoformat(),
-            "--wait",
-            "--timeout",
-            "300",
-            "--json",
-        ],
-        env={**os.environ, **pipeline.env},
-        capture_output=True,
-        text=True,
-        timeout=360,
+    result = run_cli(
+        "replay",
+        "--from",
+        start.isoformat(),
+        "--to",
+        end.isoformat(),
+        "--wait",
+        "--timeout",
+        "300",
+        "--json",
+        timeout_s=360,
+        **pipeline.env,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     return json.loads(result.stdout)
@@ -246,21 +239,13 @@ def test_bad_arguments_give_one_line_and_a_non_zero_exit(pipeline, args, env, me
 def test_replay_without_a_dagster_home_says_so(pipeline):
     pipeline.produce(list(SyntheticBillingStream(seed=5).records(20)))
     now = datetime.now(UTC)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "billing_dagster.cli",
-            "replay",
-            "--from",
-            (now - timedelta(hours=1)).isoformat(),
-            "--to",
-            now.isoformat(),
-        ],
-        env={k: v for k, v in {**os.environ, **pipeline.env}.items() if k != "DAGSTER_HOME"},
-        capture_output=True,
-        text=True,
-        timeout=60,
+    result = run_cli(
+        "replay",
+        "--from",
+        (now - timedelta(hours=1)).isoformat(),
+        "--to",
+        now.isoformat(),
+        **{**pipeline.env, "DAGSTER_HOME": ""},
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: DAGSTER_HOME is not set")

@@ -53,13 +53,13 @@ def test_defaults_need_no_configuration(tmp_path, monkeypatch):
     assert load_settings({"BILLING_LATE_EVENT_WATERMARK_SECONDS": "0"}).late_event_watermark_s == 0
 
 
-def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess:
+def run_cli(*args: str, timeout_s: float = 60, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "billing_dagster.cli", *args],
         capture_output=True,
         text=True,
         env={**os.environ, **env},
-        timeout=60,
+        timeout=timeout_s,
     )
 
 
