@@ -68,6 +68,38 @@ def _echo_json(report: dict[str, object]) -> None:
     click.echo(json.dumps(report, indent=2, default=str))
 
 
+class _Progress:
+    """A progress bar on stderr (stdout stays clean for --json) for a run bounded by a
+    count or a duration: `update(done)` takes the running total."""
+
+    def __init__(self, count: int | None, duration: float | None, unit: str, quiet: bool):
+        import io
+        import time
+
+        self._started, self._clock = time.monotonic(), time.monotonic
+        self._by_count = count is not None
+        length = count if count is not None else int(duration or 0)
+        label = f"{unit} written" if self._by_count else "seconds"
+        self._bar = click.progressbar(
+            length=length, label=label, file=io.StringIO() if quiet else sys.stderr
+        )
+        self._shown = 0
+
+    def __enter__(self) -> _Progress:
+        self._bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._bar.__exit__(*exc)
+
+    def update(self, done: int) -> None:
+        position = done if self._by_count else int(self._clock() - self._started)
+        position = min(position, self._bar.length)
+        if position > self._shown:
+            self._bar.update(position - self._shown)
+            self._shown = position
+
+
 def _until(unit: str):
     """--count and --duration, the stop conditions of `produce` and `workload`."""
     count = click.option(
@@ -132,9 +164,16 @@ def produce(
     producer = make_producer(
         settings.kafka_bootstrap_servers, single_record_batches=single_record_batches
     )
-    counts = produce_at_rate(
-        producer, settings.topic, stream, rate=rate, count=count, duration_s=duration
-    )
+    with _Progress(count, duration, "records", quiet=as_json) as progress:
+        counts = produce_at_rate(
+            producer,
+            settings.topic,
+            stream,
+            rate=rate,
+            count=count,
+            duration_s=duration,
+            on_progress=lambda so_far: progress.update(sum(so_far.values())),
+        )
     total = sum(counts.values())
     if as_json:
         _echo_json({"topic": settings.topic, "records": total, **counts})
@@ -180,14 +219,20 @@ def workload(rate, count, duration, target, seed, customers, as_json) -> None:
         raise click.UsageError("give --count or --duration (or both)")
     target = target or ("oltp" if settings.oltp_url else "kafka")
     generator = BillingWorkload(seed=seed, customers=customers)
-    until = {"rate": rate, "count": count, "duration_s": duration}
+    progress = _Progress(count, duration, "activities", quiet=as_json)
+    until = {
+        "rate": rate,
+        "count": count,
+        "duration_s": duration,
+        "on_progress": lambda so_far: progress.update(sum(so_far.values())),
+    }
     if target == "oltp":
         from billing_dagster.oltp import connect_oltp, migrate_oltp, write_activities
 
         if not settings.oltp_url:
             raise ConfigError("--to oltp needs BILLING_OLTP_URL (the OLTP billing database)")
         migrate_oltp(settings.oltp_url)
-        with connect_oltp(settings.oltp_url) as connection:
+        with connect_oltp(settings.oltp_url) as connection, progress:
             counts = run_at_rate(generator, lambda b: write_activities(connection, b), **until)
         where = "the OLTP billing tables"
     else:
@@ -195,7 +240,8 @@ def workload(rate, count, duration, target, seed, customers, as_json) -> None:
 
         _ensure_topic(settings)
         producer = make_producer(settings.kafka_bootstrap_servers)
-        counts = run_at_rate(generator, billing_event_writer(producer, settings.topic), **until)
+        with progress:
+            counts = run_at_rate(generator, billing_event_writer(producer, settings.topic), **until)
         if producer.flush(60):
             raise KafkaUnavailableError("billing events were not acknowledged by Kafka in 60 s")
         where = settings.topic
@@ -577,13 +623,13 @@ def status(topic: str | None, as_json: bool) -> None:
     if last_run is None:
         where = "" if os.environ.get("DAGSTER_HOME") else " (DAGSTER_HOME not set)"
         click.echo(f"last ingest run: none{where}")
-    if in_progress:
-        click.echo(f"ingest runs queued or running: {in_progress}")
     else:
         click.echo(
             f"last ingest run: {last_run['status']} {last_run['run_id'][:8]} "
             f"({last_run['kind']}, partition {last_run['partition']}) at {last_run['updated_at']}"
         )
+    if in_progress:
+        click.echo(f"ingest runs queued or running: {in_progress}")
     if recon is None:
         click.echo("last reconciliation: none")
     else:

@@ -355,6 +355,7 @@ def run_at_rate(
     count: int | None = None,
     duration_s: float | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    on_progress: Callable[[Counter], None] = lambda _: None,
 ) -> Counter:
     """Write `rate` activities a second, in ticks of 0.1 s, until `count` activities or
     `duration_s` seconds; returns how many of each kind were written."""
@@ -375,6 +376,7 @@ def run_at_rate(
             batch = list(workload.activities(due))
             write(batch)
             counts.update(a.kind for a in batch)
+        on_progress(counts)
         time.sleep(max(0.0, tick - (time.monotonic() - started - elapsed)))
     return counts
 

@@ -145,6 +145,11 @@ def test_replaying_processed_ranges_changes_nothing_even_beside_the_live_sensor(
     status = wait_until_caught_up(pipeline)
     assert status["last_run"]["status"] == "SUCCESS"
     assert status["last_run"]["kind"] == "kafka"  # launched by the live sensor
+    text = cli(pipeline, "status")
+    assert text.returncode == 0, text.stderr
+    assert f"topic {pipeline.settings.topic}: total lag 0 records" in text.stdout
+    assert "last ingest run: SUCCESS" in text.stdout
+    assert "last reconciliation: none" in text.stdout
     before = snapshot(pipeline)
     assert before[BILLING_EVENTS_TABLE]["tax_amount"].null_count() > 0  # v1 events are there
     assert (
@@ -238,6 +243,10 @@ def test_bad_arguments_give_one_line_and_a_non_zero_exit(pipeline, args, env, me
 
 def test_replay_without_a_dagster_home_says_so(pipeline):
     pipeline.produce(list(SyntheticBillingStream(seed=5).records(20)))
+    status = run_cli("status", **{**pipeline.env, "DAGSTER_HOME": ""})
+    assert status.returncode == 0, status.stderr
+    assert "total lag 20 records" in status.stdout
+    assert "last ingest run: none (DAGSTER_HOME not set)" in status.stdout
     now = datetime.now(UTC)
     result = run_cli(
         "replay",
