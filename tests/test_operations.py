@@ -135,6 +135,8 @@ def replay(pipeline: Pipeline, start: datetime, end: datetime) -> dict:
     return json.loads(result.stdout)
 
 
+# Two backfills at the daemon's fixed 30 s cadence: ~4 min here, more on a loaded machine.
+@pytest.mark.timeout(900)
 def test_replaying_processed_ranges_changes_nothing_even_beside_the_live_sensor(
     operated: Pipeline,
 ):
