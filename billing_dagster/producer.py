@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 
 from confluent_kafka import Producer
 
+from billing_dagster.pacing import run_at_rate
 from billing_dagster.synthetic import GeneratedRecord, SyntheticBillingStream
 from billing_dagster.workload import Activity, billing_events_of
 
@@ -65,29 +65,25 @@ def produce_at_rate(
     count: int | None = None,
     duration_s: float | None = None,
     should_stop: Callable[[], bool] = lambda: False,
-    on_progress: Callable[[Counter], None] | None = None,
+    on_progress: Callable[[Counter], None] = lambda _: None,
 ) -> Counter:
     """Send `rate` events a second until `count` events or `duration_s` seconds."""
-    counts: Counter = Counter()
-    started = time.monotonic()
-    tick = 0.1
-    while not should_stop():
-        elapsed = time.monotonic() - started
-        if duration_s is not None and elapsed >= duration_s:
-            break
-        sent = sum(counts.values())
-        if count is not None and sent >= count:
-            break
-        due = int(rate * (elapsed + tick)) - sent
-        if count is not None:
-            due = min(due, count - sent)
-        for record in stream.records(max(0, due)):
+
+    def write(records: list[GeneratedRecord]) -> None:
+        for record in records:
             send(producer, topic, record)
-            counts[record.kind] += 1
         producer.poll(0)
-        if on_progress is not None:
-            on_progress(counts)
-        time.sleep(tick)
+
+    counts = run_at_rate(
+        stream.records,
+        write,
+        lambda record: record.kind,
+        rate=rate,
+        count=count,
+        duration_s=duration_s,
+        should_stop=should_stop,
+        on_progress=on_progress,
+    )
     producer.flush(60)
     return counts
 

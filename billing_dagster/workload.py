@@ -15,16 +15,17 @@ from __future__ import annotations
 
 import json
 import random
-import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
+from typing import Any
 
 import polars as pl
 
+from billing_dagster import pacing
 from billing_dagster.contract import format_money
 from billing_dagster.proration import prorated_charge
 from billing_dagster.synthetic import CURRENCY_WEIGHTS, PLANS, TAX_RATES
@@ -348,37 +349,11 @@ class BillingWorkload:
 
 
 def run_at_rate(
-    workload: BillingWorkload,
-    write: Callable[[list[Activity]], object],
-    *,
-    rate: float,
-    count: int | None = None,
-    duration_s: float | None = None,
-    should_stop: Callable[[], bool] = lambda: False,
-    on_progress: Callable[[Counter], None] = lambda _: None,
+    workload: BillingWorkload, write: Callable[[list[Activity]], object], **pace: Any
 ) -> Counter:
-    """Write `rate` activities a second, in ticks of 0.1 s, until `count` activities or
-    `duration_s` seconds; returns how many of each kind were written."""
-    counts: Counter = Counter()
-    started = time.monotonic()
-    tick = 0.1
-    while not should_stop():
-        elapsed = time.monotonic() - started
-        done = sum(counts.values())
-        if (duration_s is not None and elapsed >= duration_s) or (
-            count is not None and done >= count
-        ):
-            break
-        due = int(rate * (elapsed + tick)) - done
-        if count is not None:
-            due = min(due, count - done)
-        if due > 0:
-            batch = list(workload.activities(due))
-            write(batch)
-            counts.update(a.kind for a in batch)
-        on_progress(counts)
-        time.sleep(max(0.0, tick - (time.monotonic() - started - elapsed)))
-    return counts
+    """Write the workload's activities at a steady rate (`pacing.run_at_rate`'s `rate`,
+    `count`, `duration_s`, `should_stop`, `on_progress`); returns activities per kind."""
+    return pacing.run_at_rate(workload.activities, write, lambda a: a.kind, **pace)
 
 
 # ---- rows as Debezium would send them, and as billing events ----------------------------
