@@ -25,7 +25,7 @@ from billing_dagster.contract import (
 )
 from billing_dagster.delta_lake import LakeLocation, replace_partition
 from billing_dagster.oltp import oltp_events_of_day
-from billing_dagster.reconciliation import PCT, compare
+from billing_dagster.reconciliation import PCT, batch_totals_by_currency, compare
 
 _ATTRIBUTES = ("customer_id", "transaction_type", "currency")
 
@@ -44,19 +44,6 @@ OLTP_RECONCILIATION_SCHEMA: dict[str, pl.DataType] = {
     "reconciled_at": pl.Datetime("us", "UTC"),
     **{name: pl.Int32() for name in DAY_PARTITIONS},
 }
-
-
-def _totals(events: pl.DataFrame, side: str) -> pl.DataFrame:
-    amount = pl.col("amount").cast(MONEY_TOTAL)
-    return events.group_by(key="currency").agg(
-        pl.when(pl.col("transaction_type") == "PAYMENT")
-        .then(amount)
-        .sum()
-        .cast(MONEY_TOTAL)
-        .alias(f"{side}_revenue"),
-        amount.sum().cast(MONEY_TOTAL).alias(f"{side}_net"),
-        pl.len().cast(pl.Int64).alias(f"{side}_count"),
-    )
 
 
 def oltp_event_differences(lake_events: pl.DataFrame, oltp_events: pl.DataFrame) -> pl.DataFrame:
@@ -152,9 +139,11 @@ def reconcile_oltp_day(
         if source is not None
         else pl.DataFrame(schema=EVENT_SCHEMA)
     )
-    compared = compare(
-        _totals(lake_events, "realtime"), _totals(oltp, "batch"), "key", tolerance_pct
+    # The same per-currency sums as the daily reconciliation's batch side, on both sides.
+    lake_totals = batch_totals_by_currency(lake_events).rename(
+        {f"batch_{m}": f"realtime_{m}" for m in ("revenue", "net", "count")}
     )
+    compared = compare(lake_totals, batch_totals_by_currency(oltp), "key", tolerance_pct)
     differences = oltp_event_differences(lake_events, oltp)
     per_currency = differences.group_by(key="currency").agg(
         differing_events=pl.len().cast(pl.Int64)
