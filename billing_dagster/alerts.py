@@ -160,7 +160,10 @@ def probe_connector(url: str, timeout_s: float = 5.0) -> ConnectorStatus:
             return ConnectorStatus(
                 str(connector.get("state", "UNKNOWN")), _first_line(connector.get("trace", ""))
             )
-        for task in body.get("tasks") or []:
+        tasks = body.get("tasks") or []
+        if not tasks:  # started but not yet (or no longer) assigned: nothing is captured
+            return ConnectorStatus("UNASSIGNED", "the connector has no task")
+        for task in tasks:
             if task.get("state") != "RUNNING":
                 trace = _first_line(task.get("trace", ""))
                 return ConnectorStatus(

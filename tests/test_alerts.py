@@ -158,6 +158,7 @@ def test_a_down_webhook_does_not_stop_the_log():
             "task 0: PSQLException: slot gone",
         ),
         ((200, {"connector": {"state": "PAUSED"}, "tasks": []}), "PAUSED", ""),
+        ((200, {"connector": {"state": "RUNNING"}, "tasks": []}), "UNASSIGNED", "no task"),
         ((200, {"status": "UP", "checks": []}), "RUNNING", ""),
         (
             (503, {"status": "DOWN", "checks": [{"name": "debezium", "status": "DOWN"}]}),

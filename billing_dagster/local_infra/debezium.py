@@ -4,21 +4,21 @@ The connector is configured as in the reference design (pgoutput, the five billi
 JSON keys, snapshot mode when_needed) with two local choices: values are JSON too
 (`decimal.handling.mode=string` keeps money exact), and a RegexRouter sends the three
 money tables to one billing topic while subscriptions and invoices keep their own topics.
-Source offsets live in a file in the work folder, so `restart()` resumes where it stopped.
+Source offsets live in a file in the work folder, so starting again after `halt()` or
+`kill()` resumes where it stopped.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import subprocess
 import tempfile
-import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
+from billing_dagster.alerts import probe_connector
 from billing_dagster.debezium import BILLING_EVENT_TABLES, CDC_TABLES
 from billing_dagster.local_infra.process import (
     REPO_ROOT,
@@ -186,19 +186,10 @@ class LocalDebezium(LocalServer):
             str(connector),
         ]
 
-    def connector_state(self) -> str:
-        """RUNNING once the connector and its task run; otherwise the state Connect reports."""
-        with urllib.request.urlopen(self.status_url, timeout=2) as response:
-            status = json.loads(response.read())
-        states = [status["connector"]["state"], *(t["state"] for t in status.get("tasks", []))]
-        if not status.get("tasks"):
-            return "UNASSIGNED"
-        return "RUNNING" if all(s == "RUNNING" for s in states) else ",".join(states)
-
     def start(self, timeout_s: float = 120.0) -> LocalDebezium:
         self.process = spawn(self._command(), log=self.log)
         wait_until(
-            lambda: self.connector_state() == "RUNNING",
+            lambda: probe_connector(self.status_url, timeout_s=2).state == "RUNNING",
             what="Debezium (Kafka Connect) connector",
             process=self.process,
             log=self.log,
