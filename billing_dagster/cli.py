@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import sys
 from pathlib import Path
 
@@ -73,7 +74,6 @@ class _Progress:
     count or a duration: `update(done)` takes the running total."""
 
     def __init__(self, count: int | None, duration: float | None, unit: str, quiet: bool):
-        import io
         import time
 
         self._started, self._clock = time.monotonic(), time.monotonic
@@ -252,10 +252,6 @@ def workload(rate, count, duration, target, seed, customers, as_json) -> None:
     click.echo(f"wrote {sum(counts.values())} activities to {where}: {kinds}")
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt  # SIGTERM stops servers as cleanly as Ctrl-C
-
-
 @main.command()
 @click.option(
     "--print-config",
@@ -274,10 +270,10 @@ def cdc(print_config: bool, state_dir: Path) -> None:
     """Run Debezium (Kafka Connect standalone, from dev/debezium) capturing the OLTP tables
     at BILLING_OLTP_URL into BILLING_TOPIC on BILLING_KAFKA_BOOTSTRAP_SERVERS, until Ctrl-C."""
     import json
-    import signal
     import time
 
     from billing_dagster.local_infra.debezium import LocalDebezium, connector_config
+    from billing_dagster.local_infra.process import stop_on_sigterm
     from billing_dagster.oltp import migrate_oltp
 
     settings = load_settings()
@@ -288,7 +284,7 @@ def cdc(print_config: bool, state_dir: Path) -> None:
         return
     migrate_oltp(settings.oltp_url)
     _ensure_topic(settings)
-    signal.signal(signal.SIGTERM, _interrupt)
+    stop_on_sigterm()
     server = LocalDebezium(
         settings.kafka_bootstrap_servers, settings.oltp_url, settings.topic, workdir=state_dir
     )
@@ -526,20 +522,12 @@ def report(month: str, as_json: bool) -> None:
 
 
 def _kafka_client(settings):
-    from billing_dagster.kafka_io import KafkaClient, KafkaSettings
+    from billing_dagster.definitions import build_resources
 
-    return KafkaClient(
-        KafkaSettings(
-            settings.kafka_bootstrap_servers,
-            consumer_group=settings.consumer_group,
-            request_timeout_s=settings.kafka_request_timeout_s,
-        )
-    )
+    return build_resources(settings)["kafka"].client()
 
 
 def _last_ingest_run(instance) -> dict[str, object] | None:
-    import dagster as dg
-
     from billing_dagster.definitions import INGEST_CONCURRENCY_TAG
 
     for run in instance.get_runs(limit=50):
@@ -553,7 +541,6 @@ def _last_ingest_run(instance) -> dict[str, object] | None:
                 "partition": run.tags.get("dagster/partition"),
                 "backfill": run.tags.get("dagster/backfill"),
                 "updated_at": record.update_timestamp.isoformat() if record else None,
-                "failed": run.status == dg.DagsterRunStatus.FAILURE,
             }
     return None
 
@@ -638,13 +625,45 @@ def status(topic: str | None, as_json: bool) -> None:
         )
 
 
-def _wait(instance, backfill_id: str, total: int, timeout: float, as_json: bool):
-    from billing_dagster.backfills import wait_for_backfill
+def _launch(
+    instance,
+    defs,
+    assets,
+    keys: list[str],
+    *,
+    title: str,
+    tags: dict[str, str],
+    report: dict[str, object],
+    what: str,
+    wait: bool,
+    timeout: float,
+    as_json: bool,
+) -> None:
+    """Launch the backfill, say so (`what` describes it), optionally wait for its runs with a
+    progress bar, print the report; exit 1 when a waited-for backfill had failed runs."""
+    import json
 
+    from billing_dagster.backfills import launch_backfill, wait_for_backfill
+
+    backfill_id = launch_backfill(instance, defs, assets, keys, title=title, tags=tags)
+    report["backfill_id"] = backfill_id
+    if not as_json:
+        click.echo(f"launched backfill {backfill_id}{what} (UI: /runs/b/{backfill_id})")
+    outcome = None
+    if wait:
+        with click.progressbar(
+            length=len(keys), label="runs finished", file=io.StringIO() if as_json else sys.stderr
+        ) as bar:
+            outcome = wait_for_backfill(
+                instance, backfill_id, timeout_s=timeout, on_progress=bar.update
+            )
+        report.update(status=outcome.status, runs=outcome.runs, failed_runs=outcome.failed_runs)
+        if not as_json:
+            click.echo(f"backfill {backfill_id}: {outcome.status}, {outcome.runs} run(s)")
     if as_json:
-        return wait_for_backfill(instance, backfill_id, timeout_s=timeout)
-    with click.progressbar(length=total, label="runs finished", file=sys.stderr) as bar:
-        return wait_for_backfill(instance, backfill_id, timeout_s=timeout, on_progress=bar.update)
+        click.echo(json.dumps(report, indent=2))
+    if outcome is not None and not outcome.succeeded:
+        sys.exit(1)
 
 
 @main.command()
@@ -659,7 +678,6 @@ def replay(start, end, topic, dry_run, wait, timeout, as_json) -> None:
     """Reprocess the Kafka records of a time range (by Kafka timestamp, whole log hours) as a
     Dagster backfill of the ingest assets. Offsets the lake already committed are skipped, so
     a replay is safe to repeat and safe beside the live sensor."""
-    import io
     import json
 
     from billing_dagster.contract import RAW_TABLE
@@ -717,12 +735,11 @@ def replay(start, end, topic, dry_run, wait, timeout, as_json) -> None:
         RAW_BILLING_EVENTS,
         TRANSACTION_HISTORY,
     )
-    from billing_dagster.backfills import dagster_instance, launch_backfill
+    from billing_dagster.backfills import dagster_instance
     from billing_dagster.definitions import INGEST_CONCURRENCY_TAG, build_definitions
 
-    instance = dagster_instance()
-    backfill_id = launch_backfill(
-        instance,
+    _launch(
+        dagster_instance(),
         build_definitions(settings),
         # The aggregates follow, as in a sensor-launched run: a replay that fills a gap
         # brings revenue up to date too.
@@ -737,19 +754,12 @@ def replay(start, end, topic, dry_run, wait, timeout, as_json) -> None:
         title=f"replay {topic} {plan.start:%Y-%m-%d %H:%M}..{plan.end:%Y-%m-%d %H:%M}",
         # Queued with the sensor's runs (one ingest run at a time).
         tags={INGEST_CONCURRENCY_TAG: "replay", "billing/replay": "true"},
+        report=summary,
+        what="",
+        wait=wait,
+        timeout=timeout,
+        as_json=as_json,
     )
-    summary["backfill_id"] = backfill_id
-    if not as_json:
-        click.echo(f"launched backfill {backfill_id} (UI: /runs/b/{backfill_id})")
-    if wait:
-        outcome = _wait(instance, backfill_id, len(plan.hours), timeout, as_json)
-        summary.update(status=outcome.status, runs=outcome.runs, failed_runs=outcome.failed_runs)
-        if not as_json:
-            click.echo(f"backfill {backfill_id}: {outcome.status}, {outcome.runs} run(s)")
-    if as_json:
-        click.echo(json.dumps(summary, indent=2))
-    if wait and not outcome.succeeded:
-        sys.exit(1)
 
 
 def _partition_keys(text: str, known: list[str]) -> list[str]:
@@ -789,13 +799,12 @@ def backfill(asset_name, partitions_text, wait, timeout, as_json) -> None:
     """Launch a Dagster backfill of partitions of an asset (shown under Backfills in the UI).
     Every partitioned asset is safe to rerun: ingest takes only uncommitted offsets,
     reconciliations replace their day's rows."""
-    import json
 
     import dagster as dg
 
     from assets.ingest import RAW_BILLING_EVENTS
     from assets.reconciliation import DAILY_RECONCILIATION
-    from billing_dagster.backfills import dagster_instance, launch_backfill
+    from billing_dagster.backfills import dagster_instance
     from billing_dagster.definitions import INGEST_CONCURRENCY_TAG, build_definitions
 
     settings = load_settings()
@@ -820,29 +829,20 @@ def backfill(asset_name, partitions_text, wait, timeout, as_json) -> None:
         tags[INGEST_CONCURRENCY_TAG] = "replay"
     elif DAILY_RECONCILIATION in assets:
         tags[INGEST_CONCURRENCY_TAG] = "reconcile"
-    backfill_id = launch_backfill(
-        instance, defs, assets, keys, title=f"backfill {asset_name} {partitions_text}", tags=tags
+    names = [a.to_user_string() for a in assets]
+    _launch(
+        instance,
+        defs,
+        assets,
+        keys,
+        title=f"backfill {asset_name} {partitions_text}",
+        tags=tags,
+        report={"assets": names, "partitions": keys},
+        what=f" of {len(keys)} partition(s) of {', '.join(names)}",
+        wait=wait,
+        timeout=timeout,
+        as_json=as_json,
     )
-    report: dict[str, object] = {
-        "backfill_id": backfill_id,
-        "assets": [a.to_user_string() for a in assets],
-        "partitions": keys,
-    }
-    if not as_json:
-        click.echo(
-            f"launched backfill {backfill_id} of {len(keys)} partition(s) of "
-            f"{', '.join(report['assets'])} (UI: /runs/b/{backfill_id})"
-        )
-    outcome = None
-    if wait:
-        outcome = _wait(instance, backfill_id, len(keys), timeout, as_json)
-        report.update(status=outcome.status, runs=outcome.runs, failed_runs=outcome.failed_runs)
-        if not as_json:
-            click.echo(f"backfill {backfill_id}: {outcome.status}, {outcome.runs} run(s)")
-    if as_json:
-        click.echo(json.dumps(report, indent=2))
-    if outcome is not None and not outcome.succeeded:
-        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from billing_dagster.kafka_io import ensure_topic
 from billing_dagster.local_infra.debezium import LocalDebezium
 from billing_dagster.local_infra.kafka import ApacheKafka
 from billing_dagster.local_infra.postgres import LocalPostgres
-from billing_dagster.local_infra.process import REPO_ROOT, InfraError, port_open
+from billing_dagster.local_infra.process import REPO_ROOT, InfraError, port_open, stop_on_sigterm
 from billing_dagster.local_infra.tansu import TansuBroker
 from billing_dagster.oltp import connect_oltp, migrate_oltp, write_activities
 from billing_dagster.producer import billing_event_writer, make_producer, produce_at_rate
@@ -34,7 +34,6 @@ from billing_dagster.serving import migrate
 from billing_dagster.synthetic import SyntheticBillingStream
 from billing_dagster.workload import BillingWorkload, run_at_rate
 
-SOURCES = ("synthetic", "workload", "cdc")
 CDC_TOPIC = "billing-cdc"
 
 
@@ -73,7 +72,7 @@ def run_demo(
 
     stop = threading.Event()
     # A plain SIGTERM would skip the clean-up below and leave servers running.
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    stop_on_sigterm()
     with ExitStack() as stack:
         echo(f"starting the {broker_kind} broker ...")
         broker = start_broker(broker_kind)
@@ -195,10 +194,6 @@ def _feed(
     producer = make_producer(broker.bootstrap_servers, single_record_batches=broker.kind == "tansu")
     run_at_rate(workload, billing_event_writer(producer, topic), rate=rate, should_stop=should_stop)
     producer.flush(30)
-
-
-def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 def _stop_dagster(process: subprocess.Popen) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +15,7 @@ from billing_dagster.enrichment import write_reference_data
 from billing_dagster.kafka_io import KafkaClient, KafkaSettings, ensure_topic
 from billing_dagster.local_infra.kafka import ApacheKafka
 from billing_dagster.local_infra.postgres import LocalPostgres
+from billing_dagster.local_infra.process import stop_on_sigterm
 from billing_dagster.local_infra.s3 import ACCESS_KEY, REGION, SECRET_KEY, MotoS3
 from billing_dagster.producer import make_producer, produce_records
 from billing_dagster.settings import load_settings
@@ -23,14 +23,9 @@ from billing_dagster.synthetic import GeneratedRecord, SyntheticBillingStream
 
 from .http_endpoint import Endpoint
 
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 # CI or a user stopping the run with SIGTERM still gets every server stopped: pytest runs
 # fixture teardown on KeyboardInterrupt.
-signal.signal(signal.SIGTERM, _interrupt)
+stop_on_sigterm()
 
 
 @pytest.fixture(scope="session")

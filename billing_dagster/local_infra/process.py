@@ -34,6 +34,16 @@ class LocalServer:
         self.stop()
 
 
+def stop_on_sigterm() -> None:
+    """Make SIGTERM interrupt like Ctrl-C, so `with`/`finally` clean-up stops every server
+    a command, the demo or the test session started."""
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+
+
+def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
