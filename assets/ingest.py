@@ -12,6 +12,7 @@ from billing_dagster.offsets import (
     ranges_to_json,
     ranges_to_text,
 )
+from billing_dagster.quality import import_in_background
 from billing_dagster.serving import ServingResult, ServingUnavailableError
 from resources import (
     BillingRulesResource,
@@ -63,6 +64,7 @@ def billing_events_metadata(
     report: IngestReport, reference_versions: dict[str, int]
 ) -> dict[str, object]:
     return {
+        "topic": report.topic,
         # The batch's accounting: input = accepted + duplicates + quarantined.
         "input_records": report.records_read,
         "accepted": report.accepted,
@@ -79,6 +81,10 @@ def billing_events_metadata(
         else -1,
         "reference_versions": dg.MetadataValue.json(reference_versions),
         "offset_ranges_read": ranges_to_text(report.plan.reads),
+        # Where the batch's time went; bench/catch_up.py sums these over runs.
+        "phase_seconds": dg.MetadataValue.json(
+            {phase: round(seconds, 3) for phase, seconds in report.timings.items()}
+        ),
         "dagster/row_count": report.accepted_written,
     }
 
@@ -157,6 +163,7 @@ def build_ingest_assets(partitions_def: dg.PartitionsDefinition) -> dg.AssetsDef
         billing_rules: BillingRulesResource,
         postgres: PostgresServingResource,
     ):
+        import_in_background()  # for the quality checks that follow in this run
         topic = config.topic or kafka.topic
         location = lake.location()
         try:

@@ -6,7 +6,8 @@ from datetime import UTC, datetime, timedelta
 import dagster as dg
 
 from assets.ingest import BILLING_EVENTS, CUSTOMER_BALANCES
-from billing_dagster.ingest import events_of_hours
+from billing_dagster.ingest import batch_events
+from billing_dagster.offsets import ranges_from_text
 from billing_dagster.quality import validate_frame
 from billing_dagster.serving import ServingUnavailableError, read_balances
 from resources import BillingRulesResource, DeltaLakeResource, PostgresServingResource
@@ -33,10 +34,11 @@ def build_quality_checks() -> list[dg.AssetChecksDefinition]:
         name=QUALITY_CHECK,
         blocking=True,
         description=(
-            "expectations/billing_events.json over the event hours this run's batch touched: "
-            "non-null keys, enums, supported currencies, decimal(12,2) ranges, unique "
-            "event_id and Kafka position, freshness of what the run wrote. Blocking: a "
-            "failure stops the revenue aggregates of this run."
+            "expectations/billing_events.json over the rows this run's batch wrote, with "
+            "every row of the same event hours sharing their event_id: non-null keys, "
+            "enums, supported currencies, decimal(12,2) ranges, unique event_id and Kafka "
+            "position, freshness of what the run wrote. Blocking: a failure stops the "
+            "revenue aggregates of this run."
         ),
     )
     def billing_events_quality(
@@ -46,7 +48,12 @@ def build_quality_checks() -> list[dg.AssetChecksDefinition]:
     ) -> dg.AssetCheckResult:
         batch = batch_metadata(context)
         hours = [h for h in str(batch.get("event_hours", "")).split(", ") if h]
-        frame = events_of_hours(lake.location(), hours)
+        frame = batch_events(
+            lake.location(),
+            str(batch.get("topic", "")),
+            hours,
+            ranges_from_text(str(batch.get("offset_ranges_read", ""))),
+        )
         parameters: dict[str, object] = {
             "supported_currencies": list(billing_rules.supported_currencies)
         }

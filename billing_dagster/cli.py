@@ -531,7 +531,7 @@ def _last_ingest_run(instance) -> dict[str, object] | None:
     from billing_dagster.definitions import INGEST_CONCURRENCY_TAG
 
     for run in instance.get_runs(limit=50):
-        if INGEST_CONCURRENCY_TAG in run.tags and run.tags[INGEST_CONCURRENCY_TAG] != "reconcile":
+        if run.tags.get(INGEST_CONCURRENCY_TAG, "reconcile") not in ("reconcile", "maintenance"):
             record = instance.get_run_record_by_id(run.run_id)
             return {
                 "run_id": run.run_id,

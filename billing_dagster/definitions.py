@@ -6,6 +6,7 @@ import dagster as dg
 
 from assets.aggregates import build_aggregate_assets
 from assets.ingest import INGEST_OP, build_ingest_assets
+from assets.maintenance import compact_event_hours, vacuum_lake_tables
 from assets.partitions import day_partitions, log_hour_partitions, month_partitions
 from assets.quality_checks import build_quality_checks
 from assets.reconciliation import build_oltp_reconciliation_asset, build_reconciliation_assets
@@ -113,6 +114,21 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         executor_def=dg.in_process_executor,
         description="The month-end reconciliation report.",
     )
+    maintenance_tags = {INGEST_CONCURRENCY_TAG: "maintenance"}
+
+    # Queued like ingest runs: compaction acknowledges its commit in the aggregates only
+    # if no batch landed meanwhile.
+    @dg.job(tags=maintenance_tags, executor_def=dg.in_process_executor)
+    def compact_lake():
+        """Rewrite the small files of the last finished event hours of raw/ and
+        billing_events/ as large ones (hourly)."""
+        compact_event_hours()
+
+    @dg.job(tags=maintenance_tags, executor_def=dg.in_process_executor)
+    def vacuum_lake():
+        """Delete lake files no version of the last 7 days refers to (daily)."""
+        vacuum_lake_tables()
+
     sensor = build_kafka_offsets_sensor(
         ingest_job,
         op_name=INGEST_OP,
@@ -129,8 +145,22 @@ def build_definitions(settings: Settings) -> dg.Definitions:
             *oltp_assets,
         ],
         asset_checks=checks,
-        jobs=[ingest_job, reconcile_job, monthly_job],
+        jobs=[ingest_job, reconcile_job, monthly_job, compact_lake, vacuum_lake],
         schedules=[
+            dg.ScheduleDefinition(
+                name="compact_lake_schedule",
+                job=compact_lake,
+                cron_schedule="10 * * * *",
+                execution_timezone="UTC",
+                default_status=dg.DefaultScheduleStatus.RUNNING,
+            ),
+            dg.ScheduleDefinition(
+                name="vacuum_lake_schedule",
+                job=vacuum_lake,
+                cron_schedule="40 3 * * *",
+                execution_timezone="UTC",
+                default_status=dg.DefaultScheduleStatus.RUNNING,
+            ),
             # 00:30 UTC: yesterday's partition, once late events have had half an hour.
             dg.build_schedule_from_partitioned_job(
                 reconcile_job,

@@ -10,9 +10,12 @@ row in any table.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TypeVar
 
 import polars as pl
 
@@ -39,6 +42,9 @@ from billing_dagster.kafka_io import KafkaClient
 from billing_dagster.offsets import OffsetRange, ReadPlan, check_topic_not_reset, plan_reads
 from billing_dagster.rules import RETURN_TYPES, ValidationPolicy
 from billing_dagster.serving import ServingResult, apply_batch
+from billing_dagster.timing import PhaseClock
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,8 @@ class IngestReport:
     event_hours: tuple[str, ...]
     quarantined_by_rule: dict[str, int]
     serving: ServingResult | None = None
+    #: Seconds per phase of the batch (read, decode, lookups, clean, each write, commit).
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def accepted(self) -> int:
@@ -90,17 +98,57 @@ def _hour_filter(hours: pl.DataFrame) -> pl.Expr:
     )
 
 
-def events_of_hours(lake: LakeLocation, hour_keys: Sequence[str]) -> pl.DataFrame:
-    """billing_events rows of these event hours ('2024-12-15-14:00', as in the ingest
-    metadata). Redeliveries share their event's hour, so uniqueness of event_id within
-    them is the whole truth."""
-    scan = scan_table(lake, BILLING_EVENTS_TABLE)
-    if scan is None or not hour_keys:
-        return pl.DataFrame(schema=BILLING_EVENTS_SCHEMA)
+def _hours_filter(hour_keys: Sequence[str]) -> pl.Expr:
     hours = [datetime.strptime(k, "%Y-%m-%d-%H:%M") for k in hour_keys]
-    return scan.filter(
-        partition_filter(EVENT_HOUR_PARTITIONS, [(h.year, h.month, h.day, h.hour) for h in hours])
-    ).collect()
+    return partition_filter(
+        EVENT_HOUR_PARTITIONS, [(h.year, h.month, h.day, h.hour) for h in hours]
+    )
+
+
+def _offsets_filter(topic: str, ranges: Sequence[OffsetRange]) -> pl.Expr:
+    within = pl.lit(False)
+    for r in ranges:
+        within = within | (
+            (pl.col("kafka_partition") == r.partition)
+            & (pl.col("kafka_offset") >= r.start)
+            & (pl.col("kafka_offset") < r.end)
+        )
+    return (pl.col("kafka_topic") == topic) & within
+
+
+POSITION = ("kafka_topic", "kafka_partition", "kafka_offset")
+
+
+def batch_events(
+    lake: LakeLocation, topic: str, hour_keys: Sequence[str], ranges: Sequence[OffsetRange]
+) -> pl.DataFrame:
+    """What the quality check judges: the billing_events rows of one batch (its offset
+    ranges, in the event hours it touched, as in the ingest metadata '2024-12-15-14:00'),
+    followed by every other row of those hours that shares an event_id or a Kafka position
+    with another row there.
+
+    The aggregates recompute the touched hours, so a second row for any event there
+    matters; finding them takes the event_id and position columns only. The expectations
+    then run over the batch and those rows, not over hours that grow all day."""
+    scan = scan_table(lake, BILLING_EVENTS_TABLE)
+    if scan is None or not hour_keys or not ranges:
+        return pl.DataFrame(schema=BILLING_EVENTS_SCHEMA)
+    hours = scan.filter(_hours_filter(hour_keys))
+    own = _offsets_filter(topic, ranges)
+    batch = hours.filter(own).collect()
+    repeated_ids = hours.group_by("event_id").len().filter(pl.col("len") > 1).collect()["event_id"]
+    repeated_positions = (
+        hours.group_by(POSITION).len().filter(pl.col("len") > 1).drop("len").collect()
+    )
+    suspects = pl.concat([batch["event_id"], repeated_ids]).unique()
+    others = hours.filter(~own)
+    twins = others.filter(pl.col("event_id").is_in(suspects.implode())).collect()
+    if repeated_positions.height:
+        same_position = others.join(repeated_positions.lazy(), on=POSITION, how="semi")
+        twins = pl.concat(
+            [twins, same_position.filter(~pl.col("event_id").is_in(suspects.implode())).collect()]
+        )
+    return pl.concat([batch, twins])
 
 
 def accepted_before(lake: LakeLocation, events: pl.DataFrame) -> pl.DataFrame:
@@ -153,6 +201,7 @@ def ingest_offsets(
     """`serving_url`: the Postgres serving layer to apply accepted events to (None: the lake
     only, as the lake benchmarks do)."""
     now = now or datetime.now(UTC)
+    clock = PhaseClock()
     # raw/ is written last, so its offsets mark batches that are completely done.
     raw_table = lake.open(RAW_TABLE)
     quarantine_table = lake.open(QUARANTINE_TABLE)
@@ -162,8 +211,10 @@ def ingest_offsets(
     if any(mark is not None for mark in committed.values()):
         check_topic_not_reset(topic, committed, client.end_offsets(topic))
     plan = plan_reads(requested, committed)
+    clock.lap("plan")
 
     records, processed_up_to = client.read(topic, plan.reads)
+    clock.lap("kafka_read")
     decoded = decode_records(
         records,
         value_format=cleaning.value_format,
@@ -171,44 +222,64 @@ def ingest_offsets(
         run_id=run_id,
         now=now,
     )
+    clock.lap("decode")
+    prior = accepted_before(lake, decoded.events)
+    payments = first_payments(lake, decoded.events)
+    clock.lap("dedupe_lookups")
     cleaned = clean_events(
         decoded.events,
-        accepted_before=accepted_before(lake, decoded.events),
-        first_payments=first_payments(lake, decoded.events),
+        accepted_before=prior,
+        first_payments=payments,
         reference=cleaning.reference,
         policy=cleaning.policy,
         run_id=run_id,
         now=now,
     )
     quarantine = pl.concat([decoded.quarantine, cleaned.quarantine])
+    clock.lap("clean")
 
-    quarantined = append_exactly_once(
-        lake,
-        QUARANTINE_TABLE,
-        quarantine,
-        topic=topic,
-        processed_up_to=processed_up_to if quarantine.height else {},
-        partition_by=QUARANTINE_PARTITIONS,
-        table=quarantine_table,
-    )
-    accepted = append_exactly_once(
-        lake,
-        BILLING_EVENTS_TABLE,
-        cleaned.accepted,
-        topic=topic,
-        processed_up_to=processed_up_to if cleaned.accepted.height else {},
-        partition_by=EVENT_HOUR_PARTITIONS,
-        table=events_table,
-    )
-    serving = None
-    if serving_url is not None:
-        serving = apply_batch(
-            serving_url,
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="serving") as pool:
+        # The Postgres transaction and the two Delta appends are independent (each store
+        # keeps its own offsets) and both wait on I/O or native code: run them side by
+        # side. raw/, the mark of a finished batch, still waits for all of them.
+        applying = (
+            pool.submit(
+                _timed,
+                apply_batch,
+                serving_url,
+                cleaned.accepted,
+                topic=topic,
+                processed_up_to=processed_up_to,
+                run_id=run_id,
+            )
+            if serving_url is not None
+            else None
+        )
+        quarantined = append_exactly_once(
+            lake,
+            QUARANTINE_TABLE,
+            quarantine,
+            topic=topic,
+            processed_up_to=processed_up_to if quarantine.height else {},
+            partition_by=QUARANTINE_PARTITIONS,
+            table=quarantine_table,
+        )
+        clock.lap("write_quarantine")
+        accepted = append_exactly_once(
+            lake,
+            BILLING_EVENTS_TABLE,
             cleaned.accepted,
             topic=topic,
-            processed_up_to=processed_up_to,
-            run_id=run_id,
+            processed_up_to=processed_up_to if cleaned.accepted.height else {},
+            partition_by=EVENT_HOUR_PARTITIONS,
+            table=events_table,
         )
+        clock.lap("write_billing_events")
+        serving = None
+        if applying is not None:
+            serving, serving_s = applying.result()
+            clock.lap("serving_wait")
+            clock.laps["serving (beside the Delta appends)"] = serving_s
     raw = append_exactly_once(
         lake,
         RAW_TABLE,
@@ -218,8 +289,10 @@ def ingest_offsets(
         partition_by=EVENT_HOUR_PARTITIONS,
         table=raw_table,
     )
+    clock.lap("write_raw")
     # Only after the lake holds the batch: ordinary Kafka tools then show true lag.
     client.commit(topic, processed_up_to)
+    clock.lap("kafka_commit")
 
     hours = cleaned.accepted["created_at"].dt.strftime("%Y-%m-%d-%H:00").unique().sort()
     by_rule = (
@@ -244,10 +317,17 @@ def ingest_offsets(
         event_hours=tuple(hours.to_list()),
         quarantined_by_rule=dict(by_rule.iter_rows()),
         serving=serving,
+        timings=clock.laps,
     )
     if not report.balanced:
         raise AssertionError(f"record accounting does not balance: {report}")
     return report
+
+
+def _timed(function: Callable[..., T], *args: object, **kwargs: object) -> tuple[T, float]:
+    started = time.perf_counter()
+    result = function(*args, **kwargs)
+    return result, time.perf_counter() - started
 
 
 def record_origins(lake: LakeLocation, topic: str, origins: dict[int, int]) -> None:

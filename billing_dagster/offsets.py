@@ -164,6 +164,16 @@ def ranges_to_text(ranges: Iterable[OffsetRange]) -> str:
     return " ".join(f"{r.partition}:{r.start}-{r.end}" for r in ranges)
 
 
+def ranges_from_text(text: str) -> tuple[OffsetRange, ...]:
+    """The inverse of ranges_to_text ("3:10-20 4:0-5")."""
+    ranges = []
+    for item in text.split():
+        partition, span = item.split(":")
+        start, end = span.split("-")
+        ranges.append(OffsetRange(int(partition), int(start), int(end)))
+    return tuple(ranges)
+
+
 def ranges_to_json(ranges: Iterable[OffsetRange]) -> str:
     return json.dumps([[r.partition, r.start, r.end] for r in ranges])
 
@@ -230,9 +240,12 @@ def plan_sensor_tick(
     """Decide the runs for one sensor tick.
 
     The cursor holds the offsets already *requested*; the lake holds those *committed*.
-    Normally a tick requests [cursor, end). When no run is queued or running and the lake
-    is behind the cursor (a run failed for good, or crashed), the tick re-requests from
-    the lake's offsets, so nothing requested is ever left behind.
+    Normally a tick requests [cursor, end). While a run is queued or running, it requests
+    nothing: ingest runs go one at a time, so what arrives meanwhile waits for one run
+    when that ends, instead of queueing a run per tick that each pays the fixed cost of a
+    run (batches grow with the load; the lag stays bounded). When no run is queued or
+    running and the lake is behind the cursor (a run failed for good, or crashed), the
+    tick re-requests from the lake's offsets, so nothing requested is ever left behind.
     """
     check_topic_not_reset(topic, committed, ends)
 
@@ -244,6 +257,8 @@ def plan_sensor_tick(
 
     starts = {p: initial(p) if cursor is None or p not in cursor else cursor[p] for p in ends}
     origins = {p: starts[p] for p in ends if committed.get(p) is None}
+    if cursor is not None and runs_in_flight:
+        return TickPlan((), {**cursor, **{p: starts[p] for p in ends}}, False, origins)
     recovering = False
     if cursor is not None and not runs_in_flight:
         for partition, mark in committed.items():

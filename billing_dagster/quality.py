@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal, InvalidOperation
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,21 @@ def _parameter_names(kwargs: Mapping[str, Any]) -> set[str]:
     return {v["$PARAMETER"] for v in kwargs.values() if isinstance(v, dict) and "$PARAMETER" in v}
 
 
+def _import_great_expectations() -> None:
+    import great_expectations  # noqa: F401
+    from great_expectations.expectations import expectation_configuration  # noqa: F401
+
+
+def import_in_background() -> threading.Thread:
+    """Start importing Great Expectations on a thread. The import costs seconds of every
+    run process; started when the ingest step starts, it overlaps the step's Kafka,
+    Postgres and Delta I/O instead of delaying the checks after it (Python's import lock
+    makes the checks wait for this import rather than repeat it)."""
+    thread = threading.Thread(target=_import_great_expectations, name="gx-import", daemon=True)
+    thread.start()
+    return thread
+
+
 @cache
 def _context() -> Any:
     """One ephemeral context per process: no files, no analytics, no progress bars."""
@@ -101,6 +117,37 @@ def to_pandas_exact(frame: pl.DataFrame) -> Any:
     for column in decimals:
         pandas[column] = frame[column].to_list()
     return pandas[frame.columns] if frame.width else pandas
+
+
+def money_as_units(frame: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, int]]:
+    """Decimal columns as exact whole numbers of their smallest unit (cents for
+    decimal(12,2)), with each converted column's scale. GE compares Python Decimals one by
+    one; integers it compares vectorised, and just as exactly. A column too wide for 64
+    bits stays Decimal."""
+    scales: dict[str, int] = {}
+    columns = []
+    for name, dtype in frame.schema.items():
+        if isinstance(dtype, pl.Decimal) and dtype.scale is not None:
+            try:
+                units = (frame[name] * 10**dtype.scale).cast(pl.Int64, strict=True)
+            except (pl.exceptions.InvalidOperationError, pl.exceptions.ComputeError):
+                columns.append(frame[name])
+                continue
+            columns.append(units.alias(name))
+            scales[name] = dtype.scale
+        else:
+            columns.append(frame[name])
+    return pl.DataFrame(columns), scales
+
+
+def bounds_in_units(kwargs: Mapping[str, Any], scale: int) -> dict[str, Any]:
+    """A between-expectation's Decimal bounds in units of 10**-scale, exactly: the least
+    whole unit at or above the minimum, the greatest at or below the maximum."""
+    out = dict(kwargs)
+    for key, rounding in (("min_value", ROUND_CEILING), ("max_value", ROUND_FLOOR)):
+        if isinstance(out.get(key), Decimal):
+            out[key] = int(out[key].scaleb(scale).to_integral_value(rounding=rounding))
+    return out
 
 
 def _plain(value: object) -> object:
@@ -198,21 +245,36 @@ def validate_frame(
     parameters = dict(parameters or {})
     if frame.is_empty():
         return QualityReport(spec.name, spec.version, True, 0, 0)
+    # Only the columns the suite names go to pandas: GE hashes the whole frame to identify
+    # the batch. Rows keep their order, so sample rows are read from the full frame.
+    named = {
+        column
+        for e in spec.expectations
+        for column in [e["kwargs"].get("column"), *(e["kwargs"].get("column_list") or [])]
+        if column
+    }
+    judged, scales = money_as_units(
+        frame.select([c for c in frame.columns if c in named]) if named else frame
+    )
     suite = gx.ExpectationSuite(name=f"{spec.name}-v{spec.version}")
-    skipped, why = [], {}
+    skipped, why, written = [], {}, {}
     for expectation in spec.expectations:
         missing = _parameter_names(expectation["kwargs"]) - set(parameters)
         if missing:
             skipped.append(f"{expectation['type']} (no {', '.join(sorted(missing))} given)")
             continue
+        kwargs = expectation["kwargs"]
+        if kwargs.get("column") in scales:
+            kwargs = bounds_in_units(kwargs, scales[kwargs["column"]])
         configuration = ExpectationConfiguration(
-            type=expectation["type"], kwargs=expectation["kwargs"], meta=expectation["meta"]
+            type=expectation["type"], kwargs=kwargs, meta=expectation["meta"]
         )
         suite.add_expectation_configuration(configuration)
-        why[_identity(expectation["type"], expectation["kwargs"])] = expectation["meta"].get(
-            "why", ""
-        )
-    batch = _batch_definition().get_batch(batch_parameters={"dataframe": to_pandas_exact(frame)})
+        identity = _identity(expectation["type"], expectation["kwargs"])
+        why[identity] = expectation["meta"].get("why", "")
+        # Reports show the suite's own bounds (decimal strings), not the unit integers.
+        written[identity] = expectation["kwargs"]
+    batch = _batch_definition().get_batch(batch_parameters={"dataframe": to_pandas_exact(judged)})
     result = batch.validate(
         suite,
         expectation_parameters={k: _ge_value(v) for k, v in parameters.items()},
@@ -223,7 +285,8 @@ def validate_frame(
         if outcome.success:
             continue
         config = outcome.expectation_config
-        kwargs = {k: _plain(v) for k, v in config.kwargs.items() if k != "batch_id"}
+        original = written.get(_identity(config.type, config.kwargs), config.kwargs)
+        kwargs = {k: _plain(v) for k, v in original.items() if k != "batch_id"}
         column = str(kwargs.get("column") or ", ".join(kwargs.get("column_list") or []))  # type: ignore[arg-type]
         details = outcome.result or {}
         rows = list(details.get("unexpected_index_list") or [])[:sample_size]

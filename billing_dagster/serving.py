@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import time
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -32,6 +31,8 @@ from pathlib import Path
 import polars as pl
 import psycopg2
 import psycopg2.extensions
+
+from billing_dagster.timing import PhaseClock
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 BALANCE_CURRENCY = "USD"
@@ -181,17 +182,6 @@ def batch_id(topic: str, applied: Mapping[int, tuple[int, int]]) -> str:
 # ---- the transaction -----------------------------------------------------------------
 
 
-class _Clock:
-    def __init__(self) -> None:
-        self.laps: dict[str, float] = {}
-        self._last = time.perf_counter()
-
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.laps[name] = now - self._last
-        self._last = now
-
-
 @dataclass(frozen=True)
 class ServingResult:
     events_applied: int
@@ -316,7 +306,7 @@ def _apply_locked(
             "CREATE TEMP TABLE staging_history (LIKE transaction_history "
             "INCLUDING DEFAULTS) ON COMMIT DROP"
         )
-        clock = _Clock()
+        clock = PhaseClock()
         _copy(cursor, "staging_history", history)
         clock.lap("copy_history")
         cursor.execute(
@@ -353,9 +343,11 @@ def _apply_locked(
         identity = batch_id(topic, advance)
         total = fresh["amount_usd"].sum() if fresh.height else 0
         cursor.execute(
+            # clock_timestamp(), not NOW(): the moment the balances are about to commit,
+            # not when the transaction began (the latency benchmark reads it).
             "INSERT INTO balance_batches (batch_id, topic, offset_ranges, run_id, "
-            "events_applied, customers_updated, amount_usd_total) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+            "events_applied, customers_updated, amount_usd_total, applied_at) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, clock_timestamp()) ON CONFLICT DO NOTHING",
             (
                 identity,
                 topic,

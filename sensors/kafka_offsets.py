@@ -11,6 +11,9 @@ from billing_dagster.ingest import record_origins
 from billing_dagster.offsets import PlannedBatch, plan_sensor_tick
 from resources import DeltaLakeResource, KafkaResource
 
+#: A run counts as in flight from the moment the queue holds it.
+WAITING_OR_RUNNING = [dg.DagsterRunStatus.QUEUED, *IN_PROGRESS_RUN_STATUSES]
+
 
 def _parse_cursor(raw: str | None, topic: str) -> dict[int, int] | None:
     if not raw:
@@ -57,7 +60,9 @@ def build_kafka_offsets_sensor(
         default_status=dg.DefaultSensorStatus.RUNNING,
         description=(
             "Polls the billing topic's end offsets and requests one run per log hour for the "
-            "offsets not yet requested; the cursor holds requested offsets per partition."
+            "offsets not yet requested (none while an ingest run is queued or running: what "
+            "arrives meanwhile goes into one run after it); the cursor holds requested "
+            "offsets per partition."
         ),
     )
     def kafka_offsets_sensor(
@@ -67,10 +72,14 @@ def build_kafka_offsets_sensor(
         cursor = _parse_cursor(context.cursor, topic)
         in_flight = bool(
             context.instance.get_run_ids(
-                dg.RunsFilter(job_name=job.name, statuses=list(IN_PROGRESS_RUN_STATUSES)),
+                dg.RunsFilter(job_name=job.name, statuses=WAITING_OR_RUNNING),
                 limit=1,
             )
         )
+        if cursor is not None and in_flight:
+            # New offsets wait for one run when this one ends (see plan_sensor_tick); no
+            # need to ask Kafka or the lake anything until then.
+            return dg.SkipReason("an ingest run is queued or running; new offsets wait for it")
         with kafka.client() as client:
             marks = client.watermarks(topic)
             committed = committed_offsets(lake.location().open(RAW_TABLE), topic, list(marks))

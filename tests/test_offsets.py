@@ -112,6 +112,14 @@ def test_tick_rerequests_from_lake_when_nothing_is_in_flight():
     assert busy.batches == () and not busy.recovering
 
 
+def test_new_offsets_wait_for_the_run_in_flight_and_then_go_in_one_run():
+    busy = tick(cursor={0: 4, 1: 0}, committed={0: 4, 1: None}, runs_in_flight=True)
+    assert busy.batches == () and busy.cursor == {0: 4, 1: 0}
+    idle = tick(cursor=busy.cursor, committed={0: 4, 1: None})
+    assert [b.ranges for b in idle.batches] == [(OffsetRange(0, 4, 10),)]
+    assert idle.cursor == {0: 10, 1: 0} and not idle.recovering
+
+
 def test_tick_refuses_a_topic_that_is_behind_the_lake():
     with pytest.raises(TopicResetError, match="recreated"):
         tick(committed={0: 50, 1: None})

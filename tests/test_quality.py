@@ -13,10 +13,19 @@ import pytest
 
 from billing_dagster.aggregates import customer_metrics, daily_revenue, hourly_revenue
 from billing_dagster.contract import BILLING_EVENTS_SCHEMA
-from billing_dagster.quality import QualitySuiteError, load_suite_file, validate_frame
+from billing_dagster.delta_lake import LakeLocation
+from billing_dagster.ingest import batch_events
+from billing_dagster.offsets import OffsetRange
+from billing_dagster.quality import (
+    QualitySuiteError,
+    bounds_in_units,
+    load_suite_file,
+    money_as_units,
+    validate_frame,
+)
 from billing_dagster.rules import DEFAULT_SUPPORTED_CURRENCIES
 
-from .lake_rows import event
+from .lake_rows import event, write_events
 
 NOW = datetime.now(UTC)
 HOUR = datetime(2024, 12, 15, 14, tzinfo=UTC)
@@ -187,3 +196,63 @@ def test_money_bounds_are_exact_decimals():
         if e["type"] == "expect_column_values_to_be_between"
     ]
     assert bounds and all(b == Decimal("9999999999.99") for b in bounds)
+
+
+def test_the_billing_events_check_judges_its_batch_and_repeats_in_its_hours(tmp_path: Path):
+    """batch_events: a batch's own rows, plus rows of its hours that repeat an event_id or a
+    Kafka position; the rest of the hours (earlier batches) are left out."""
+    lake = LakeLocation(str(tmp_path))
+    earlier = [event(HOUR + timedelta(minutes=m), "1.00") for m in range(5)]
+    write_events(lake, earlier)
+    # The batch: two new events, one of which repeats the id of an earlier one.
+    batch = [
+        event(HOUR + timedelta(minutes=10), "2.00"),
+        event(HOUR + timedelta(minutes=11), "3.00", event_id=earlier[1]["event_id"]),
+    ]
+    write_events(lake, batch)
+    # Behind the pipeline's back: another earlier event appears twice.
+    write_events(lake, [{**earlier[3], "kafka_offset": batch[-1]["kafka_offset"] + 100}])
+    offsets = [r["kafka_offset"] for r in batch]
+    ranges = [OffsetRange(0, min(offsets), max(offsets) + 1)]
+
+    frame = batch_events(lake, "billing-events", [HOUR.strftime("%Y-%m-%d-%H:00")], ranges)
+
+    assert frame["kafka_offset"].to_list()[:2] == offsets
+    assert sorted(frame["event_id"].to_list()[2:]) == sorted(
+        [earlier[1]["event_id"], earlier[3]["event_id"], earlier[3]["event_id"]]
+    )
+    report = validate_frame(frame, "billing_events", parameters=PARAMETERS)
+    (failure,) = report.failed
+    assert failure.type == "expect_column_values_to_be_unique"
+    assert failure.unexpected_count == 4
+    # Another hour, or offsets outside the batch, are not read as the batch.
+    assert batch_events(lake, "billing-events", ["2024-12-15-15:00"], ranges).is_empty()
+    only_repeats = batch_events(lake, "other-topic", [HOUR.strftime("%Y-%m-%d-%H:00")], ranges)
+    assert only_repeats.height == 4
+
+
+def test_money_goes_to_great_expectations_as_exact_whole_units():
+    frame = pl.DataFrame(
+        {"amount": [Decimal("-9999999999.99"), Decimal("0.01"), None], "id": ["a", "b", "c"]},
+        schema={"amount": pl.Decimal(12, 2), "id": pl.String},
+    )
+    units, scales = money_as_units(frame)
+    assert units["amount"].to_list() == [-999_999_999_999, 1, None]
+    assert scales == {"amount": 2} and units["id"].to_list() == ["a", "b", "c"]
+    # Bounds finer than the column's scale round inward, so no value is judged wrongly.
+    assert bounds_in_units(
+        {"column": "amount", "min_value": Decimal("0.005"), "max_value": Decimal("9.999")}, 2
+    ) == {"column": "amount", "min_value": 1, "max_value": 999}
+    # A value one cent past the bound fails, the bound itself passes; reports keep decimals.
+    edge = pl.DataFrame(
+        {"customer_id": [1, 2], "current_balance": [Decimal("9999999999.99"), Decimal("0")]},
+        schema={"customer_id": pl.Int64, "current_balance": pl.Decimal(18, 2)},
+    )
+    edge = edge.with_columns(
+        currency=pl.lit("USD"), last_updated=pl.lit(NOW), version=pl.lit(1, dtype=pl.Int64)
+    )
+    assert validate_frame(edge, "customer_balances").success
+    over = edge.with_columns(current_balance=pl.col("current_balance") + pl.lit(Decimal("0.01")))
+    (failure,) = validate_frame(over, "customer_balances").failed
+    assert failure.unexpected_count == 1
+    assert failure.kwargs["max_value"] == "9999999999.99"
