@@ -32,7 +32,7 @@ from deltalake import write_deltalake
 from harness import (
     PARTITIONS,
     caught_up,
-    dagster_daemon,
+    daemon,
     end_offsets,
     pipeline_stack,
     print_profile,
@@ -95,7 +95,7 @@ def main() -> None:
         f"events: {args.events:,} in 24 partitions, invalid rate {args.invalid_rate:.2%}, "
         f"{args.customers:,} customers; Kafka, Postgres and Dagster on this machine"
     )
-    extra = {"BILLING_SENSOR_INTERVAL_SECONDS": "2"}
+    extra = {}
     if args.max_records_per_run:
         extra["BILLING_MAX_RECORDS_PER_RUN"] = str(args.max_records_per_run)
     with pipeline_stack(customers=args.customers, extra_env=extra) as stack:
@@ -111,7 +111,7 @@ def main() -> None:
         raw_rate = args.events / consume_s
         print(f"1. raw consume ceiling:  {raw_rate:12,.0f} events/s ({consume_s:.1f} s)")
 
-        with dg.DagsterInstance.get() as instance, dagster_daemon(stack):
+        with dg.DagsterInstance.get() as instance, daemon(stack):
             started = time.monotonic()
             waited = wait_until(
                 lambda: (

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import dagster as dg
 from confluent_kafka import Consumer, TopicPartition
+from harness import percentiles
 from machine_info import machine  # bench/ is the script folder, so on sys.path
 
 from billing_dagster.definitions import build_definitions, build_resources
@@ -43,16 +44,6 @@ from billing_dagster.synthetic import SyntheticBillingStream
 from billing_dagster.workload import PRIMARY_KEYS, BillingWorkload, run_at_rate
 
 PARTITIONS = 24
-
-
-def percentiles(values: list[float]) -> str:
-    if len(values) < 2:
-        return "n/a"
-    cuts = statistics.quantiles(values, n=100, method="inclusive")
-    return (
-        f"p50 {cuts[49]:6.2f} s   p95 {cuts[94]:6.2f} s   p99 {cuts[98]:6.2f} s   "
-        f"max {max(values):6.2f} s   (n={len(values)})"
-    )
 
 
 class Clock:

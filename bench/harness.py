@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -29,6 +26,7 @@ from billing_dagster.contract import RAW_TABLE
 from billing_dagster.delta_lake import LakeLocation, committed_offsets
 from billing_dagster.enrichment import write_reference_data
 from billing_dagster.kafka_io import KafkaClient, KafkaSettings, ensure_topic
+from billing_dagster.local_infra.dagster import dagster_daemon
 from billing_dagster.local_infra.kafka import ApacheKafka
 from billing_dagster.local_infra.postgres import LocalPostgres
 from billing_dagster.local_infra.process import REPO_ROOT
@@ -93,27 +91,9 @@ def pipeline_stack(
         )
 
 
-@contextmanager
-def dagster_daemon(stack: Stack) -> Iterator[subprocess.Popen]:
-    """`dagster-daemon run` on the workspace: the sensor, the run queue and run processes."""
-    log = (stack.workdir / "daemon.log").open("w")
-    daemon = subprocess.Popen(
-        [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w", "workspace.yaml"],
-        cwd=REPO_ROOT,
-        env={**os.environ, **stack.env},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        yield daemon
-    finally:
-        os.killpg(daemon.pid, signal.SIGTERM)
-        try:
-            daemon.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(daemon.pid, signal.SIGKILL)
-        log.close()
+def daemon(stack: Stack):
+    """`dagster-daemon` on the workspace: the sensor, the run queue and run processes."""
+    return dagster_daemon(stack.env, stack.workdir / "daemon.log")
 
 
 def end_offsets(stack: Stack) -> dict[int, int]:

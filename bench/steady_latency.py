@@ -29,7 +29,7 @@ import dagster as dg
 import polars as pl
 from harness import (
     caught_up,
-    dagster_daemon,
+    daemon,
     end_offsets,
     latencies,
     percentiles,
@@ -76,7 +76,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rate", type=float, default=1000.0, help="events per second")
     parser.add_argument("--duration", type=float, default=180.0, help="seconds of load")
-    parser.add_argument("--interval", type=int, default=5, help="sensor interval, seconds")
+    parser.add_argument("--interval", type=int, default=2, help="sensor interval, seconds")
     args = parser.parse_args()
     logging.getLogger("dagster").setLevel(logging.WARNING)
     print(f"machine: {machine()}")
@@ -88,7 +88,7 @@ def main() -> None:
     with (
         pipeline_stack(customers=CUSTOMERS, extra_env=extra) as stack,
         dg.DagsterInstance.get() as instance,
-        dagster_daemon(stack),
+        daemon(stack),
     ):
         producer = make_producer(stack.bootstrap)
         rng = random.Random(7)

@@ -117,9 +117,11 @@ def _refuse_constant(name: str) -> None:
     raise ValueError(f"{name} is not a JSON value")
 
 
-#: A failing segment is split this many ways; segments this small are screened row by row.
-FANOUT = 64
-LEAF_ROWS = 64
+#: A batch that does not decode in one call is cut into segments of this many rows, each
+#: decoded in one call; the rows of a segment that fails are screened one by one. One
+#: Polars call costs about what screening a few hundred rows in Python does, and a bad
+#: record costs one segment's screening instead of rounds of ever smaller calls.
+SEGMENT_ROWS = 1024
 
 
 @dataclass(frozen=True)
@@ -174,28 +176,22 @@ def _locate_failures(
     screened_good: list[int],
     failures: dict[int, Failure],
 ) -> None:
-    """Keep segments that decode; split failing ones; screen small ones row by row."""
-    try:
-        part = decoder.decode(values)
-        decoded.append((_row_numbers(offset, offset + part.len()), part))
-        return
-    except pl.exceptions.PolarsError:
-        pass
-    if values.len() <= LEAF_ROWS:
-        for index, value in enumerate(values.to_list()):
+    """Keep segments that decode; screen the rows of failing ones one by one."""
+    for start in range(0, values.len(), SEGMENT_ROWS):
+        segment = values.slice(start, SEGMENT_ROWS)
+        first = offset + start
+        try:
+            part = decoder.decode(segment)
+            decoded.append((_row_numbers(first, first + part.len()), part))
+            continue
+        except pl.exceptions.PolarsError:
+            pass
+        for index, value in enumerate(segment.to_list()):
             problem = decoder.screen(value)
             if problem is None:
-                screened_good.append(offset + index)
+                screened_good.append(first + index)
             else:
-                failures[offset + index] = problem
-        return
-    # Many-way splits find k bad records in about log_64(n) vectorised passes, where
-    # halving would take log_2(k) passes over the whole batch.
-    size = max(-(-values.len() // FANOUT), LEAF_ROWS)
-    for start in range(0, values.len(), size):
-        _locate_failures(
-            values.slice(start, size), offset + start, decoder, decoded, screened_good, failures
-        )
+                failures[first + index] = problem
 
 
 def _row_numbers(start: int, stop: int) -> pl.Series:

@@ -9,7 +9,6 @@ Kafka; needs Apache Kafka and Java).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
@@ -23,6 +22,7 @@ from pathlib import Path
 from billing_dagster.delta_lake import LakeLocation
 from billing_dagster.enrichment import write_reference_data
 from billing_dagster.kafka_io import ensure_topic
+from billing_dagster.local_infra.dagster import stop_process_group
 from billing_dagster.local_infra.debezium import LocalDebezium
 from billing_dagster.local_infra.kafka import ApacheKafka
 from billing_dagster.local_infra.postgres import LocalPostgres
@@ -150,7 +150,7 @@ def run_demo(
             env=env,
             start_new_session=True,
         )
-        stack.callback(_stop_dagster, ui)
+        stack.callback(stop_process_group, ui)
         echo(f"Dagster UI: http://127.0.0.1:{ui_port}  (lake: {lake_root}; Ctrl-C stops all)")
         deadline = None if for_seconds is None else time.monotonic() + for_seconds
         try:
@@ -194,24 +194,3 @@ def _feed(
     producer = make_producer(broker.bootstrap_servers, single_record_batches=broker.kind == "tansu")
     run_at_rate(workload, billing_event_writer(producer, topic), rate=rate, should_stop=should_stop)
     producer.flush(30)
-
-
-def _stop_dagster(process: subprocess.Popen) -> None:
-    group = process.pid  # started with start_new_session: its own process group
-    if process.poll() is None:
-        os.killpg(group, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(group, signal.SIGKILL)
-            process.wait(timeout=10)
-    # Its code server has been seen to outlive `dagster dev`; nothing of the group may stay.
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(group, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.5)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(group, signal.SIGKILL)

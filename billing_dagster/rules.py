@@ -118,15 +118,27 @@ def apply_rules(frame: pl.DataFrame, rules: Sequence[Rule]) -> pl.DataFrame:
         return frame.with_columns(
             rules=pl.lit([], dtype=pl.List(pl.String)), reason=pl.lit(None, dtype=pl.String)
         )
+    broken = frame.select(
+        pl.any_horizontal([r.violated.fill_null(True) for r in rules]).alias("_broken")
+    ).to_series()
+    no_rules = {
+        "rules": pl.lit([], dtype=pl.List(pl.String)),
+        "reason": pl.lit(None, dtype=pl.String),
+    }
+    if not broken.any():
+        return frame.with_columns(**no_rules)
+    # Names and messages only for the rows that break something: built for every row,
+    # the per-rule lists and formatted messages cost more than all the checks together.
     names = pl.concat_list(
         [pl.when(r.violated.fill_null(True)).then(pl.lit(r.name)) for r in rules]
     ).list.drop_nulls()
     messages = pl.concat_list(
         [pl.when(r.violated.fill_null(True)).then(r.message.fill_null(r.name)) for r in rules]
     ).list.drop_nulls()
-    return frame.with_columns(rules=names, reason=messages.list.join("; ")).with_columns(
-        reason=pl.when(pl.col("rules").list.len() > 0).then(pl.col("reason"))
-    )
+    indexed = frame.with_columns(pl.int_range(pl.len(), dtype=pl.UInt32).alias("_order"))
+    passing = indexed.filter(~broken).with_columns(**no_rules)
+    judged = indexed.filter(broken).with_columns(rules=names, reason=messages.list.join("; "))
+    return pl.concat([passing, judged]).sort("_order").drop("_order")
 
 
 # ---- business rules (over typed, enriched events) -----------------------------------

@@ -7,19 +7,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import polars as pl
 import pytest
 
 from billing_dagster.contract import BILLING_EVENTS_TABLE, QUARANTINE_TABLE, RAW_TABLE
 from billing_dagster.delta_lake import read_table
+from billing_dagster.local_infra.dagster import dagster_daemon
 from billing_dagster.local_infra.process import REPO_ROOT
 from billing_dagster.offsets import hour_start
 from billing_dagster.serving import connect, read_balances
@@ -52,23 +50,12 @@ def operated(kafka, topic, lake_root, serving_url, postgres, tmp_path) -> Iterat
     )
     pipeline = Pipeline(env)
     # The daemon alone runs what matters here: the sensor, the run queue and backfills.
-    daemon = subprocess.Popen(
-        [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w", "workspace.yaml"],
-        cwd=REPO_ROOT,
-        env={**os.environ, **env},
-        stdout=(tmp_path / "dagster.log").open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    log = tmp_path / "dagster.log"
     try:
-        yield pipeline
+        with dagster_daemon(env, log):
+            yield pipeline
     finally:
-        os.killpg(daemon.pid, signal.SIGTERM)
-        try:
-            daemon.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(daemon.pid, signal.SIGKILL)
-        print((tmp_path / "dagster.log").read_text()[-3000:])
+        print(log.read_text()[-3000:])
 
 
 def cli(pipeline: Pipeline, *args: str) -> subprocess.CompletedProcess:

@@ -46,7 +46,7 @@ def test_defaults_need_no_configuration(tmp_path, monkeypatch):
     assert settings.kafka_bootstrap_servers == "127.0.0.1:9092"
     assert settings.topic == "billing-events"
     assert settings.lake_root == str(tmp_path / ".lake")
-    assert settings.sensor_interval_s == 5
+    assert settings.sensor_interval_s == 2
     assert settings.late_event_watermark_s == 5.0
     assert str(settings.reconciliation_tolerance_pct) == "0.1"
     assert settings.oltp_url is None  # no CDC: no OLTP reconciliation asset
