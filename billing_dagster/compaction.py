@@ -71,6 +71,17 @@ def acknowledge_compaction(lake: LakeLocation, result: CompactionResult) -> list
     tables acknowledged; a table that was behind is left to the next refresh."""
     if result.table != BILLING_EVENTS_TABLE or result.version_before == result.version_after:
         return []
+    source = lake.open(BILLING_EVENTS_TABLE)
+    assert source is not None and result.version_before is not None
+    # Only if compaction's commits are all that happened since: a batch appended meanwhile
+    # (a run launched outside the queue) must still reach the aggregates.
+    between = [
+        commit.get("operation")
+        for commit in source.history(source.version() - result.version_before)
+        if commit.get("version", -1) > result.version_before
+    ]
+    if source.version() != result.version_after or set(between) != {"OPTIMIZE"}:
+        return []
     acknowledged = []
     for target in AGGREGATE_TABLES:
         if reflected_version(lake, target) != result.version_before:

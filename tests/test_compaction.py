@@ -113,6 +113,16 @@ def test_a_batch_between_refresh_and_compaction_is_not_acknowledged(
     result = compact_hours(pipeline.lake, BILLING_EVENTS_TABLE, [last_hour])
     assert result.files_removed > result.files_added
     assert acknowledge_compaction(pipeline.lake, result) == []
+    # Nor is a compaction that a batch followed before the acknowledgment (a run launched
+    # outside the queue): the aggregates must still see that batch.
+    pipeline.produce(list(stream.records(5, now=last_hour + timedelta(minutes=45))))
+    assert all(r.success for r in run_ingest(pipeline, instance))  # aggregates up to date
+    again = compact_hours(pipeline.lake, BILLING_EVENTS_TABLE, [last_hour])
+    assert again.files_removed > again.files_added
+    pipeline.produce(list(stream.records(5, now=last_hour + timedelta(minutes=50))))
+    (request,), _, _ = evaluate_sensor(pipeline, instance, None)
+    assert materialize(pipeline, request, instance).success
+    assert acknowledge_compaction(pipeline.lake, again) == []
     # The next refresh recomputes the day and so includes the batch it had not seen.
     refresh = refresh_aggregates(pipeline.lake)
     assert refresh.changed and last_hour.date() in refresh.days
