@@ -47,13 +47,7 @@ from billing_dagster.enrichment import load_reference_data
 from billing_dagster.producer import make_producer, produce_records
 from billing_dagster.serving import migrate
 from billing_dagster.synthetic import SyntheticBillingStream
-
-ACTIVE = [
-    dg.DagsterRunStatus.QUEUED,
-    dg.DagsterRunStatus.NOT_STARTED,
-    dg.DagsterRunStatus.STARTING,
-    dg.DagsterRunStatus.STARTED,
-]
+from sensors.kafka_offsets import WAITING_OR_RUNNING
 
 
 def raw_consume(bootstrap: str, topic: str, count: int) -> float:
@@ -116,7 +110,7 @@ def main() -> None:
             waited = wait_until(
                 lambda: (
                     caught_up(stack, ends)
-                    and not instance.get_runs_count(dg.RunsFilter(statuses=ACTIVE))
+                    and not instance.get_runs_count(dg.RunsFilter(statuses=WAITING_OR_RUNNING))
                 ),
                 timeout_s=args.timeout,
             )

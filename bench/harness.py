@@ -124,16 +124,6 @@ def caught_up(stack: Stack, ends: dict[int, int]) -> bool:
     )
 
 
-def ingest_runs_finished(instance, job: str = "ingest_billing_events") -> list:
-    import dagster as dg
-
-    return [
-        r
-        for r in instance.get_run_records(dg.RunsFilter(job_name=job))
-        if r.dagster_run.status.value in ("SUCCESS", "FAILURE", "CANCELED")
-    ]
-
-
 def wait_until(predicate, timeout_s: float, every_s: float = 1.0) -> float:
     """Seconds until predicate() held; raises after timeout_s."""
     started = time.monotonic()

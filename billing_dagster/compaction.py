@@ -20,7 +20,7 @@ from datetime import datetime
 from deltalake import CommitProperties, Transaction, write_deltalake
 
 from billing_dagster.aggregates import AGGREGATE_TABLES, SOURCE_APP_ID, reflected_version
-from billing_dagster.contract import BILLING_EVENTS_TABLE
+from billing_dagster.contract import BILLING_EVENTS_TABLE, EVENT_HOUR_PARTITIONS
 from billing_dagster.delta_lake import LakeLocation
 
 #: Files compacted towards this size (delta-rs' default is 100 MiB).
@@ -38,11 +38,10 @@ class CompactionResult:
 
 
 def _hour_filter(hour: datetime) -> list[tuple[str, str, str]]:
+    values = (hour.year, hour.month, hour.day, hour.hour)
     return [
-        ("year", "=", str(hour.year)),
-        ("month", "=", str(hour.month)),
-        ("day", "=", str(hour.day)),
-        ("hour", "=", str(hour.hour)),
+        (column, "=", str(value))
+        for column, value in zip(EVENT_HOUR_PARTITIONS, values, strict=True)
     ]
 
 

@@ -39,7 +39,14 @@ from billing_dagster.delta_lake import (
 )
 from billing_dagster.enrichment import ReferenceData
 from billing_dagster.kafka_io import KafkaClient
-from billing_dagster.offsets import OffsetRange, ReadPlan, check_topic_not_reset, plan_reads
+from billing_dagster.offsets import (
+    HOUR_KEY_FORMAT,
+    OffsetRange,
+    ReadPlan,
+    check_topic_not_reset,
+    parse_hour_key,
+    plan_reads,
+)
 from billing_dagster.rules import RETURN_TYPES, ValidationPolicy
 from billing_dagster.serving import ServingResult, apply_batch
 from billing_dagster.timing import PhaseClock
@@ -98,8 +105,8 @@ def _hour_filter(hours: pl.DataFrame) -> pl.Expr:
     )
 
 
-def _hours_filter(hour_keys: Sequence[str]) -> pl.Expr:
-    hours = [datetime.strptime(k, "%Y-%m-%d-%H:%M") for k in hour_keys]
+def _hour_keys_filter(hour_keys: Sequence[str]) -> pl.Expr:
+    hours = [parse_hour_key(k) for k in hour_keys]
     return partition_filter(
         EVENT_HOUR_PARTITIONS, [(h.year, h.month, h.day, h.hour) for h in hours]
     )
@@ -133,7 +140,7 @@ def batch_events(
     scan = scan_table(lake, BILLING_EVENTS_TABLE)
     if scan is None or not hour_keys or not ranges:
         return pl.DataFrame(schema=BILLING_EVENTS_SCHEMA)
-    hours = scan.filter(_hours_filter(hour_keys))
+    hours = scan.filter(_hour_keys_filter(hour_keys))
     own = _offsets_filter(topic, ranges)
     batch = hours.filter(own).collect()
     repeated_ids = hours.group_by("event_id").len().filter(pl.col("len") > 1).collect()["event_id"]
@@ -294,7 +301,7 @@ def ingest_offsets(
     client.commit(topic, processed_up_to)
     clock.lap("kafka_commit")
 
-    hours = cleaned.accepted["created_at"].dt.strftime("%Y-%m-%d-%H:00").unique().sort()
+    hours = cleaned.accepted["created_at"].dt.strftime(HOUR_KEY_FORMAT).unique().sort()
     by_rule = (
         quarantine.select(pl.col("rules").list.first().alias("rule"))
         .group_by("rule")

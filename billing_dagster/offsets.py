@@ -224,6 +224,16 @@ class TickPlan:
     origins: dict[int, int]
 
 
+def waits_for_run(cursor: Mapping[int, int] | None, runs_in_flight: bool) -> bool:
+    """Whether a tick requests nothing because an ingest run is queued or running.
+
+    Ingest runs go one at a time, so what arrives meanwhile waits for one run when that
+    ends, instead of queueing a run per tick that each pays the fixed cost of a run
+    (batches grow with the load; the lag stays bounded). The first tick (no cursor) still
+    records where processing starts."""
+    return cursor is not None and runs_in_flight
+
+
 def plan_sensor_tick(
     topic: str,
     *,
@@ -240,12 +250,10 @@ def plan_sensor_tick(
     """Decide the runs for one sensor tick.
 
     The cursor holds the offsets already *requested*; the lake holds those *committed*.
-    Normally a tick requests [cursor, end). While a run is queued or running, it requests
-    nothing: ingest runs go one at a time, so what arrives meanwhile waits for one run
-    when that ends, instead of queueing a run per tick that each pays the fixed cost of a
-    run (batches grow with the load; the lag stays bounded). When no run is queued or
-    running and the lake is behind the cursor (a run failed for good, or crashed), the
-    tick re-requests from the lake's offsets, so nothing requested is ever left behind.
+    Normally a tick requests [cursor, end), unless it waits for a run (`waits_for_run`).
+    When no run is queued or running and the lake is behind the cursor (a run failed for
+    good, or crashed), the tick re-requests from the lake's offsets, so nothing requested
+    is ever left behind.
     """
     check_topic_not_reset(topic, committed, ends)
 
@@ -257,10 +265,10 @@ def plan_sensor_tick(
 
     starts = {p: initial(p) if cursor is None or p not in cursor else cursor[p] for p in ends}
     origins = {p: starts[p] for p in ends if committed.get(p) is None}
-    if cursor is not None and runs_in_flight:
-        return TickPlan((), {**cursor, **{p: starts[p] for p in ends}}, False, origins)
+    if waits_for_run(cursor, runs_in_flight):
+        return TickPlan((), {**cursor, **starts}, False, origins)
     recovering = False
-    if cursor is not None and not runs_in_flight:
+    if cursor is not None:
         for partition, mark in committed.items():
             if mark is not None and mark < starts.get(partition, mark):
                 starts[partition] = mark

@@ -257,7 +257,7 @@ def validate_frame(
         frame.select([c for c in frame.columns if c in named]) if named else frame
     )
     suite = gx.ExpectationSuite(name=f"{spec.name}-v{spec.version}")
-    skipped, why, written = [], {}, {}
+    skipped, entries = [], {}
     for expectation in spec.expectations:
         missing = _parameter_names(expectation["kwargs"]) - set(parameters)
         if missing:
@@ -270,10 +270,7 @@ def validate_frame(
             type=expectation["type"], kwargs=kwargs, meta=expectation["meta"]
         )
         suite.add_expectation_configuration(configuration)
-        identity = _identity(expectation["type"], expectation["kwargs"])
-        why[identity] = expectation["meta"].get("why", "")
-        # Reports show the suite's own bounds (decimal strings), not the unit integers.
-        written[identity] = expectation["kwargs"]
+        entries[_identity(expectation["type"], expectation["kwargs"])] = expectation
     batch = _batch_definition().get_batch(batch_parameters={"dataframe": to_pandas_exact(judged)})
     result = batch.validate(
         suite,
@@ -285,7 +282,9 @@ def validate_frame(
         if outcome.success:
             continue
         config = outcome.expectation_config
-        original = written.get(_identity(config.type, config.kwargs), config.kwargs)
+        entry = entries.get(_identity(config.type, config.kwargs), {})
+        # Reports show the suite's own bounds (decimal strings), not the unit integers.
+        original = entry.get("kwargs", config.kwargs)
         kwargs = {k: _plain(v) for k, v in original.items() if k != "batch_id"}
         column = str(kwargs.get("column") or ", ".join(kwargs.get("column_list") or []))  # type: ignore[arg-type]
         details = outcome.result or {}
@@ -305,7 +304,7 @@ def validate_frame(
                 unexpected_percent=details.get("unexpected_percent"),
                 observed_value=_plain(details.get("observed_value") or error),
                 sample_rows=samples,
-                why=why.get(_identity(config.type, config.kwargs), ""),
+                why=entry.get("meta", {}).get("why", ""),
             )
         )
     return QualityReport(

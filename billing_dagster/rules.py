@@ -114,17 +114,15 @@ def apply_rules(frame: pl.DataFrame, rules: Sequence[Rule]) -> pl.DataFrame:
 
     Rows breaking no rule get an empty list and a null reason.
     """
-    if not rules:
-        return frame.with_columns(
-            rules=pl.lit([], dtype=pl.List(pl.String)), reason=pl.lit(None, dtype=pl.String)
-        )
-    broken = frame.select(
-        pl.any_horizontal([r.violated.fill_null(True) for r in rules]).alias("_broken")
-    ).to_series()
     no_rules = {
         "rules": pl.lit([], dtype=pl.List(pl.String)),
         "reason": pl.lit(None, dtype=pl.String),
     }
+    if not rules:
+        return frame.with_columns(**no_rules)
+    broken = frame.select(
+        pl.any_horizontal([r.violated.fill_null(True) for r in rules]).alias("_broken")
+    ).to_series()
     if not broken.any():
         return frame.with_columns(**no_rules)
     # Names and messages only for the rows that break something: built for every row,

@@ -8,7 +8,7 @@ from dagster._core.storage.dagster_run import IN_PROGRESS_RUN_STATUSES
 from billing_dagster.contract import RAW_TABLE
 from billing_dagster.delta_lake import committed_offsets
 from billing_dagster.ingest import record_origins
-from billing_dagster.offsets import PlannedBatch, plan_sensor_tick
+from billing_dagster.offsets import PlannedBatch, plan_sensor_tick, waits_for_run
 from resources import DeltaLakeResource, KafkaResource
 
 #: A run counts as in flight from the moment the queue holds it.
@@ -76,9 +76,8 @@ def build_kafka_offsets_sensor(
                 limit=1,
             )
         )
-        if cursor is not None and in_flight:
-            # New offsets wait for one run when this one ends (see plan_sensor_tick); no
-            # need to ask Kafka or the lake anything until then.
+        if waits_for_run(cursor, in_flight):
+            # Nothing to ask Kafka or the lake until the run ends.
             return dg.SkipReason("an ingest run is queued or running; new offsets wait for it")
         with kafka.client() as client:
             marks = client.watermarks(topic)
