@@ -12,8 +12,9 @@ from billing_dagster.offsets import (
     ranges_to_json,
     ranges_to_text,
 )
+from billing_dagster.postgres_db import ServingUnavailableError
 from billing_dagster.quality import import_in_background
-from billing_dagster.serving import ServingResult, ServingUnavailableError
+from billing_dagster.serving import ServingGapError
 from resources import (
     BillingRulesResource,
     DeltaLakeResource,
@@ -89,10 +90,17 @@ def billing_events_metadata(
     }
 
 
-def serving_metadata(serving: ServingResult | None) -> dict[str, object]:
+def serving_metadata(report: IngestReport) -> dict[str, object]:
+    serving = report.serving
     if serving is None:
         return {}
+    repair = report.serving_repair
     return {
+        # Offsets applied from billing_events before the batch: Postgres was behind.
+        "repaired_from_billing_events": " ".join(
+            f"{p}:{s}-{e}" for p, (s, e) in sorted(repair.applied.items())
+        ),
+        "repaired_events": repair.events_applied,
         "events_applied": serving.events_applied,
         "events_already_applied": serving.events_already_applied,
         "customers_updated": serving.customers_updated,
@@ -205,6 +213,16 @@ def build_ingest_assets(partitions_def: dg.PartitionsDefinition) -> dg.AssetsDef
             except ServingUnavailableError as exc:
                 # The lake kept its writes; the retry re-applies the batch to Postgres once.
                 raise dg.Failure(str(exc)) from exc
+            except ServingGapError as exc:
+                # Postgres lost offsets while this run was applying (a restore, a failover):
+                # the retry catches up from billing_events first.
+                raise dg.Failure(str(exc)) from exc
+        if report.serving_repair.applied:
+            log = context.log.warning if report.serving_repair.repaired else context.log.info
+            log(
+                f"serving marks of {topic} were behind the lake: "
+                + report.serving_repair.describe()
+            )
         if report.plan.gaps_covered:
             context.log.warning(
                 "covered offsets an earlier run left uncommitted: "
@@ -215,7 +233,7 @@ def build_ingest_assets(partitions_def: dg.PartitionsDefinition) -> dg.AssetsDef
             asset_key=BILLING_EVENTS,
             metadata=billing_events_metadata(report, dict(cleaning.reference.versions or {})),
         )
-        serving = serving_metadata(report.serving)
+        serving = serving_metadata(report)
         yield dg.MaterializeResult(asset_key=CUSTOMER_BALANCES, metadata=serving)
         yield dg.MaterializeResult(asset_key=TRANSACTION_HISTORY, metadata=serving)
 

@@ -8,8 +8,9 @@ import dagster as dg
 from assets.ingest import BILLING_EVENTS, CUSTOMER_BALANCES
 from billing_dagster.ingest import batch_events
 from billing_dagster.offsets import ranges_from_text
+from billing_dagster.postgres_db import ServingUnavailableError
 from billing_dagster.quality import validate_frame
-from billing_dagster.serving import ServingUnavailableError, read_balances
+from billing_dagster.serving import read_balances
 from resources import BillingRulesResource, DeltaLakeResource, PostgresServingResource
 
 QUALITY_CHECK = "great_expectations"

@@ -15,8 +15,8 @@ from billing_dagster.contract import (
 from billing_dagster.enrichment import ReferenceDataError, load_reference_data
 from billing_dagster.monthly_report import monthly_report, write_monthly_report
 from billing_dagster.oltp_reconciliation import reconcile_oltp_day, write_oltp_reconciliation
+from billing_dagster.postgres_db import ServingUnavailableError
 from billing_dagster.reconciliation import reconcile_day, write_reconciliation
-from billing_dagster.serving import ServingUnavailableError
 from resources import DeltaLakeResource, OltpSourceResource, RevenueAnalyticsResource
 
 DAILY_RECONCILIATION = dg.AssetKey("daily_reconciliation")

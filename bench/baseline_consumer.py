@@ -28,7 +28,8 @@ from deltalake import write_deltalake
 from billing_dagster.contract import TransactionType
 from billing_dagster.delta_lake import LakeLocation
 from billing_dagster.enrichment import ReferenceData, usd_amount_of
-from billing_dagster.serving import connect, ensure_partitions
+from billing_dagster.postgres_db import connect
+from billing_dagster.serving import ensure_partitions
 
 MONEY = re.compile(r"^-?\d{1,10}(\.\d{1,2}0*|\.0*)?$")
 TYPES = {t.value for t in TransactionType}

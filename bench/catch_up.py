@@ -44,8 +44,8 @@ from machine_info import machine  # bench/ is the script folder, so on sys.path
 from billing_dagster.contract import BILLING_EVENTS_TABLE, EVENT_HOUR_PARTITIONS
 from billing_dagster.delta_lake import LakeLocation, read_table
 from billing_dagster.enrichment import load_reference_data
+from billing_dagster.postgres_db import migrate
 from billing_dagster.producer import make_producer, produce_records
-from billing_dagster.serving import migrate
 from billing_dagster.synthetic import SyntheticBillingStream
 from sensors.kafka_offsets import WAITING_OR_RUNNING
 

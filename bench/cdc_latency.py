@@ -38,7 +38,7 @@ from billing_dagster.local_infra.debezium import LocalDebezium
 from billing_dagster.local_infra.kafka import ApacheKafka
 from billing_dagster.local_infra.postgres import LocalPostgres
 from billing_dagster.oltp import connect_oltp, migrate_oltp, write_activities
-from billing_dagster.serving import connect, migrate
+from billing_dagster.postgres_db import connect, migrate
 from billing_dagster.settings import load_settings
 from billing_dagster.synthetic import SyntheticBillingStream
 from billing_dagster.workload import PRIMARY_KEYS, BillingWorkload, run_at_rate

@@ -30,7 +30,7 @@ from billing_dagster.local_infra.dagster import dagster_daemon
 from billing_dagster.local_infra.kafka import ApacheKafka
 from billing_dagster.local_infra.postgres import LocalPostgres
 from billing_dagster.local_infra.process import REPO_ROOT
-from billing_dagster.serving import connect, migrate
+from billing_dagster.postgres_db import connect, migrate
 from billing_dagster.synthetic import SyntheticBillingStream
 
 PARTITIONS = 24

@@ -21,7 +21,8 @@ import polars as pl
 from machine_info import machine  # bench/ is the script folder, so on sys.path
 
 from billing_dagster.local_infra.postgres import LocalPostgres
-from billing_dagster.serving import apply_batch, migrate, read_balances
+from billing_dagster.postgres_db import migrate
+from billing_dagster.serving import apply_batch, read_balances
 
 PARTITIONS = 24
 

@@ -12,7 +12,7 @@ from billing_dagster.enrichment import ReferenceDataError
 from billing_dagster.kafka_io import KafkaUnavailableError, ensure_topic
 from billing_dagster.local_infra.process import REPO_ROOT, InfraError
 from billing_dagster.operations import OperationError
-from billing_dagster.serving import ServingUnavailableError
+from billing_dagster.postgres_db import ServingUnavailableError
 from billing_dagster.settings import ConfigError, load_settings
 
 USER_ERRORS = (
@@ -414,7 +414,7 @@ def reference_demo(customers: int) -> None:
 @main.command()
 def migrate() -> None:
     """Apply pending serving-table migrations to BILLING_POSTGRES_URL (runs also start them)."""
-    from billing_dagster.serving import migrate as apply_migrations
+    from billing_dagster.postgres_db import migrate as apply_migrations
 
     applied = apply_migrations(load_settings().postgres_url)
     click.echo(

@@ -65,6 +65,7 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
             supported_currencies=list(settings.supported_currencies),
             max_future_skew_seconds=settings.max_future_skew_s,
             schema_registry_url=settings.schema_registry_url,
+            dedupe_horizon_days=settings.dedupe_horizon_days,
         ),
     }
 

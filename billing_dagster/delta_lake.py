@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import polars as pl
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
-from deltalake.exceptions import TableNotFoundError
+from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,36 @@ class LakeLocation:
             return DeltaTable(self.table_uri(name), storage_options=self.storage_options or None)
         except TableNotFoundError:
             return None
+
+
+def open_or_create(
+    lake: LakeLocation,
+    name: str,
+    schema: Mapping[str, pl.DataType],
+    partition_by: Sequence[str],
+) -> DeltaTable:
+    """The table, created empty if it does not exist yet.
+
+    A writer must hold a snapshot to commit on top of: an append to a table that does not
+    exist creates it without any conflict check, so two writers racing on a new lake
+    would both land. Created first, the second one's commit fails as on any table."""
+    table = lake.open(name)
+    if table is not None:
+        return table
+    try:
+        return DeltaTable.create(
+            lake.table_uri(name),
+            pl.DataFrame(schema=dict(schema)).to_arrow().schema,
+            mode="ignore",
+            partition_by=list(partition_by),
+            storage_options=lake.storage_options or None,
+        )
+    except (CommitFailedError, DeltaError):
+        # Another writer created it at the same moment.
+        table = lake.open(name)
+        if table is None:
+            raise
+        return table
 
 
 def app_id(topic: str, partition: int) -> str:

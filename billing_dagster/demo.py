@@ -29,8 +29,8 @@ from billing_dagster.local_infra.postgres import LocalPostgres
 from billing_dagster.local_infra.process import REPO_ROOT, InfraError, port_open, stop_on_sigterm
 from billing_dagster.local_infra.tansu import TansuBroker
 from billing_dagster.oltp import connect_oltp, migrate_oltp, write_activities
+from billing_dagster.postgres_db import migrate
 from billing_dagster.producer import billing_event_writer, make_producer, produce_at_rate
-from billing_dagster.serving import migrate
 from billing_dagster.synthetic import SyntheticBillingStream
 from billing_dagster.workload import BillingWorkload, run_at_rate
 

@@ -1,11 +1,13 @@
 """One micro-batch: Kafka offsets -> every delivery in raw/, accepted events in
-billing_events/, rejects in quarantine/.
+billing_events/, rejects in quarantine/, the accepted events' money in Postgres.
 
-Order matters for exactly-once: quarantine, then billing_events, then the Postgres serving
-layer (balances and history, one transaction), then raw (whose offsets mark a finished
-batch), then the consumer-group commit. Each Delta table keeps its own
-offsets, so a crash between any two steps is repaired by the retry without duplicating a
-row in any table.
+Order matters for exactly-once (docs/architecture.md): billing_events first (its commit is
+the batch's decision, made once per offset), then quarantine beside the Postgres
+transaction (which applies exactly the rows billing_events committed), then raw/ (whose
+offsets mark a finished batch), then the consumer-group commit. Each store keeps its own
+offsets, so a crash between any two steps is repaired by the retry without duplicating or
+losing a row anywhere; before deciding, Postgres is caught up to every offset the lake has
+decided, so it can serve as the dedupe index.
 """
 
 from __future__ import annotations
@@ -14,26 +16,36 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 import polars as pl
+from deltalake import DeltaTable
 
-from billing_dagster.cleaning import PRIOR_COLUMNS, clean_events
+from billing_dagster.cleaning import CleanedBatch, clean_events
 from billing_dagster.contract import (
     BILLING_EVENTS_SCHEMA,
     BILLING_EVENTS_TABLE,
     EVENT_HOUR_PARTITIONS,
     QUARANTINE_PARTITIONS,
+    QUARANTINE_SCHEMA,
     QUARANTINE_TABLE,
     RAW_EVENT_SCHEMA,
     RAW_TABLE,
 )
-from billing_dagster.decoding import SchemaSource, ValueFormat, decode_records
+from billing_dagster.decisions import keep_decisions
+from billing_dagster.decoding import DecodedBatch, SchemaSource, ValueFormat, decode_records
+from billing_dagster.dedupe import (
+    DEFAULT_HORIZON,
+    accepted_before_in_lake,
+    accepted_before_in_serving,
+)
 from billing_dagster.delta_lake import (
+    AppendResult,
     LakeLocation,
     append_exactly_once,
     committed_offsets,
+    open_or_create,
     partition_filter,
     scan_table,
 )
@@ -46,6 +58,13 @@ from billing_dagster.offsets import (
     check_topic_not_reset,
     parse_hour_key,
     plan_reads,
+)
+from billing_dagster.projection import (
+    CatchUp,
+    catch_up,
+    committed_events,
+    decided_marks,
+    offsets_filter,
 )
 from billing_dagster.rules import RETURN_TYPES, ValidationPolicy
 from billing_dagster.serving import ServingResult, apply_batch
@@ -62,6 +81,8 @@ class CleaningContext:
     policy: ValidationPolicy = field(default_factory=ValidationPolicy)
     value_format: ValueFormat = ValueFormat.JSON
     registry: SchemaSource | None = None
+    #: How far apart in event time two deliveries of one event_id are still recognised.
+    dedupe_horizon: timedelta = DEFAULT_HORIZON
 
 
 @dataclass(frozen=True)
@@ -81,6 +102,8 @@ class IngestReport:
     event_hours: tuple[str, ...]
     quarantined_by_rule: dict[str, int]
     serving: ServingResult | None = None
+    #: What the run applied from billing_events before its batch (Postgres was behind).
+    serving_repair: CatchUp = field(default_factory=CatchUp)
     #: Seconds per phase of the batch (read, decode, lookups, clean, each write, commit).
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -98,29 +121,11 @@ class IngestReport:
         return self.records_read == self.accepted + self.duplicates + self.quarantined
 
 
-def _hour_filter(hours: pl.DataFrame) -> pl.Expr:
-    """A predicate on the year/month/day/hour partition columns of these rows' hours."""
-    return partition_filter(
-        EVENT_HOUR_PARTITIONS, hours.select(EVENT_HOUR_PARTITIONS).unique().iter_rows()
-    )
-
-
 def _hour_keys_filter(hour_keys: Sequence[str]) -> pl.Expr:
     hours = [parse_hour_key(k) for k in hour_keys]
     return partition_filter(
         EVENT_HOUR_PARTITIONS, [(h.year, h.month, h.day, h.hour) for h in hours]
     )
-
-
-def _offsets_filter(topic: str, ranges: Sequence[OffsetRange]) -> pl.Expr:
-    within = pl.lit(False)
-    for r in ranges:
-        within = within | (
-            (pl.col("kafka_partition") == r.partition)
-            & (pl.col("kafka_offset") >= r.start)
-            & (pl.col("kafka_offset") < r.end)
-        )
-    return (pl.col("kafka_topic") == topic) & within
 
 
 POSITION = ("kafka_topic", "kafka_partition", "kafka_offset")
@@ -141,7 +146,7 @@ def batch_events(
     if scan is None or not hour_keys or not ranges:
         return pl.DataFrame(schema=BILLING_EVENTS_SCHEMA)
     hours = scan.filter(_hour_keys_filter(hour_keys))
-    own = _offsets_filter(topic, ranges)
+    own = offsets_filter(topic, {r.partition: (r.start, r.end) for r in ranges})
     batch = hours.filter(own).collect()
     repeated_ids = hours.group_by("event_id").len().filter(pl.col("len") > 1).collect()["event_id"]
     repeated_positions = (
@@ -156,20 +161,6 @@ def batch_events(
             [twins, same_position.filter(~pl.col("event_id").is_in(suspects.implode())).collect()]
         )
     return pl.concat([batch, twins])
-
-
-def accepted_before(lake: LakeLocation, events: pl.DataFrame) -> pl.DataFrame:
-    """billing_events rows sharing an event_id with the batch. A redelivery carries the
-    same event, so the same created_at: only the batch's event hours are read."""
-    scan = scan_table(lake, BILLING_EVENTS_TABLE)
-    if scan is None or events.is_empty():
-        return pl.DataFrame(schema={c: BILLING_EVENTS_SCHEMA[c] for c in PRIOR_COLUMNS})
-    return (
-        scan.filter(_hour_filter(events))
-        .filter(pl.col("event_id").is_in(events["event_id"].unique().implode()))
-        .select(PRIOR_COLUMNS)
-        .collect()
-    )
 
 
 def first_payments(lake: LakeLocation, events: pl.DataFrame) -> pl.DataFrame:
@@ -194,6 +185,11 @@ def first_payments(lake: LakeLocation, events: pl.DataFrame) -> pl.DataFrame:
     )
 
 
+#: The commits of a batch, in order; `on_step` hears each name right after it lands
+#: ("decided" comes before the first: the batch is judged, nothing is written yet).
+COMMIT_STEPS = ("decided", "billing_events", "quarantine", "postgres", "raw", "consumer_group")
+
+
 def ingest_offsets(
     client: KafkaClient,
     lake: LakeLocation,
@@ -204,20 +200,33 @@ def ingest_offsets(
     serving_url: str | None = None,
     run_id: str,
     now: datetime | None = None,
+    on_step: Callable[[str], None] | None = None,
 ) -> IngestReport:
     """`serving_url`: the Postgres serving layer to apply accepted events to (None: the lake
-    only, as the lake benchmarks do)."""
+    only, as the lake benchmarks do). `on_step`: called after each of COMMIT_STEPS (the
+    crash tests kill the process there)."""
     now = now or datetime.now(UTC)
+    step = on_step or (lambda _name: None)
     clock = PhaseClock()
-    # raw/ is written last, so its offsets mark batches that are completely done.
-    raw_table = lake.open(RAW_TABLE)
-    quarantine_table = lake.open(QUARANTINE_TABLE)
-    events_table = lake.open(BILLING_EVENTS_TABLE)
+    tables = _BatchTables.open(lake)
     partitions = sorted({r.partition for r in requested})
-    committed = committed_offsets(raw_table, topic, partitions)
+    committed = committed_offsets(tables.raw, topic, partitions)
+    ends = client.end_offsets(topic)
     if any(mark is not None for mark in committed.values()):
-        check_topic_not_reset(topic, committed, client.end_offsets(topic))
+        check_topic_not_reset(topic, committed, ends)
     plan = plan_reads(requested, committed)
+    caught_up = CatchUp()
+    if serving_url is not None:
+        # The dedupe lookup reads transaction_history: it must hold every decided offset.
+        caught_up = catch_up(
+            serving_url,
+            lake,
+            topic,
+            decided_marks(
+                lake, topic, sorted(ends), events_table=tables.events, raw_table=tables.raw
+            ),
+            run_id=run_id,
+        )
     clock.lap("plan")
 
     records, processed_up_to = client.read(topic, plan.reads)
@@ -230,63 +239,13 @@ def ingest_offsets(
         now=now,
     )
     clock.lap("decode")
-    prior = accepted_before(lake, decoded.events)
-    payments = first_payments(lake, decoded.events)
-    clock.lap("dedupe_lookups")
-    cleaned = clean_events(
-        decoded.events,
-        accepted_before=prior,
-        first_payments=payments,
-        reference=cleaning.reference,
-        policy=cleaning.policy,
-        run_id=run_id,
-        now=now,
-    )
-    quarantine = pl.concat([decoded.quarantine, cleaned.quarantine])
+    cleaned = _decide(lake, tables, topic, plan, decoded, cleaning, serving_url, run_id, now)
     clock.lap("clean")
+    step("decided")
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="serving") as pool:
-        # The Postgres transaction and the two Delta appends are independent (each store
-        # keeps its own offsets) and both wait on I/O or native code: run them side by
-        # side. raw/, the mark of a finished batch, still waits for all of them.
-        applying = (
-            pool.submit(
-                _timed,
-                apply_batch,
-                serving_url,
-                cleaned.accepted,
-                topic=topic,
-                processed_up_to=processed_up_to,
-                run_id=run_id,
-            )
-            if serving_url is not None
-            else None
-        )
-        quarantined = append_exactly_once(
-            lake,
-            QUARANTINE_TABLE,
-            quarantine,
-            topic=topic,
-            processed_up_to=processed_up_to if quarantine.height else {},
-            partition_by=QUARANTINE_PARTITIONS,
-            table=quarantine_table,
-        )
-        clock.lap("write_quarantine")
-        accepted = append_exactly_once(
-            lake,
-            BILLING_EVENTS_TABLE,
-            cleaned.accepted,
-            topic=topic,
-            processed_up_to=processed_up_to if cleaned.accepted.height else {},
-            partition_by=EVENT_HOUR_PARTITIONS,
-            table=events_table,
-        )
-        clock.lap("write_billing_events")
-        serving = None
-        if applying is not None:
-            serving, serving_s = applying.result()
-            clock.lap("serving_wait")
-            clock.laps["serving (beside the Delta appends)"] = serving_s
+    accepted, quarantined, serving = _commit_decisions(
+        lake, tables, topic, plan, cleaned, processed_up_to, serving_url, run_id, step, clock
+    )
     raw = append_exactly_once(
         lake,
         RAW_TABLE,
@@ -294,16 +253,18 @@ def ingest_offsets(
         topic=topic,
         processed_up_to=processed_up_to,
         partition_by=EVENT_HOUR_PARTITIONS,
-        table=raw_table,
+        table=tables.raw,
     )
     clock.lap("write_raw")
+    step("raw")
     # Only after the lake holds the batch: ordinary Kafka tools then show true lag.
     client.commit(topic, processed_up_to)
     clock.lap("kafka_commit")
+    step("consumer_group")
 
     hours = cleaned.accepted["created_at"].dt.strftime(HOUR_KEY_FORMAT).unique().sort()
     by_rule = (
-        quarantine.select(pl.col("rules").list.first().alias("rule"))
+        cleaned.quarantine.select(pl.col("rules").list.first().alias("rule"))
         .group_by("rule")
         .len()
         .sort("rule")
@@ -314,21 +275,159 @@ def ingest_offsets(
         processed_up_to=processed_up_to,
         records_read=records.height,
         accepted_written=accepted.rows_written,
-        accepted_already_committed=accepted.rows_already_committed,
+        accepted_already_committed=cleaned.accepted.height - accepted.rows_written,
         duplicates=cleaned.duplicates.height,
         quarantined_written=quarantined.rows_written,
-        quarantined_already_committed=quarantined.rows_already_committed,
+        quarantined_already_committed=cleaned.quarantine.height - quarantined.rows_written,
         raw_written=raw.rows_written,
         raw_table_version=raw.table_version,
         billing_events_version=accepted.table_version,
         event_hours=tuple(hours.to_list()),
         quarantined_by_rule=dict(by_rule.iter_rows()),
         serving=serving,
+        serving_repair=caught_up,
         timings=clock.laps,
     )
     if not report.balanced:
         raise AssertionError(f"record accounting does not balance: {report}")
     return report
+
+
+@dataclass
+class _BatchTables:
+    """The snapshots a batch reads its offsets from and commits on top of, so a commit by
+    another writer in between fails Delta's conflict check."""
+
+    raw: DeltaTable
+    quarantine: DeltaTable
+    events: DeltaTable
+
+    @classmethod
+    def open(cls, lake: LakeLocation) -> _BatchTables:
+        return cls(
+            open_or_create(lake, RAW_TABLE, RAW_EVENT_SCHEMA, EVENT_HOUR_PARTITIONS),
+            open_or_create(lake, QUARANTINE_TABLE, QUARANTINE_SCHEMA, QUARANTINE_PARTITIONS),
+            open_or_create(
+                lake, BILLING_EVENTS_TABLE, BILLING_EVENTS_SCHEMA, EVENT_HOUR_PARTITIONS
+            ),
+        )
+
+
+def _decide(
+    lake: LakeLocation,
+    tables: _BatchTables,
+    topic: str,
+    plan: ReadPlan,
+    decoded: DecodedBatch,
+    cleaning: CleaningContext,
+    serving_url: str | None,
+    run_id: str,
+    now: datetime,
+) -> CleanedBatch:
+    """Dedupe, enrich and judge the batch; offsets billing_events already decided keep
+    that decision."""
+    if serving_url is not None:
+        prior = accepted_before_in_serving(serving_url, decoded.events, cleaning.dedupe_horizon)
+    else:
+        prior = accepted_before_in_lake(lake, decoded.events, cleaning.dedupe_horizon)
+    payments = first_payments(lake, decoded.events)
+    cleaned = clean_events(
+        decoded.events,
+        accepted_before=prior,
+        first_payments=payments,
+        reference=cleaning.reference,
+        policy=cleaning.policy,
+        run_id=run_id,
+        now=now,
+    )
+    cleaned = CleanedBatch(
+        cleaned.accepted,
+        cleaned.duplicates,
+        pl.concat([decoded.quarantine, cleaned.quarantine]),
+    )
+    starts = {r.partition: r.start for r in plan.reads}
+    decided = committed_offsets(tables.events, topic, sorted(starts))
+    earlier = {p: mark for p, mark in decided.items() if mark is not None and mark > starts[p]}
+    if not earlier:
+        return cleaned
+    committed = committed_events(lake, topic, {p: (starts[p], m) for p, m in earlier.items()})
+    return keep_decisions(cleaned, decoded.events, committed, earlier, run_id=run_id, now=now)
+
+
+def _commit_decisions(
+    lake: LakeLocation,
+    tables: _BatchTables,
+    topic: str,
+    plan: ReadPlan,
+    cleaned: CleanedBatch,
+    processed_up_to: dict[int, int],
+    serving_url: str | None,
+    run_id: str,
+    step: Callable[[str], None],
+    clock: PhaseClock,
+) -> tuple[AppendResult, AppendResult, ServingResult | None]:
+    """billing_events first: its commit is the decision, made once per offset (it advances
+    every partition read, even one with nothing accepted). Then quarantine beside the
+    Postgres transaction, which applies exactly the rows billing_events now holds."""
+    accepted = append_exactly_once(
+        lake,
+        BILLING_EVENTS_TABLE,
+        cleaned.accepted,
+        topic=topic,
+        processed_up_to=processed_up_to,
+        partition_by=EVENT_HOUR_PARTITIONS,
+        table=tables.events,
+    )
+    clock.lap("write_billing_events")
+    step("billing_events")
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="serving") as pool:
+        # Independent stores, both waiting on I/O or native code: side by side.
+        applying = (
+            pool.submit(
+                _timed,
+                _apply_to_serving,
+                serving_url,
+                lake,
+                topic,
+                cleaned.accepted,
+                {r.partition: (r.start, processed_up_to[r.partition]) for r in plan.reads},
+                run_id,
+            )
+            if serving_url is not None
+            else None
+        )
+        quarantined = append_exactly_once(
+            lake,
+            QUARANTINE_TABLE,
+            cleaned.quarantine,
+            topic=topic,
+            processed_up_to=processed_up_to if cleaned.quarantine.height else {},
+            partition_by=QUARANTINE_PARTITIONS,
+            table=tables.quarantine,
+        )
+        clock.lap("write_quarantine")
+        step("quarantine")
+        serving = None
+        if applying is not None:
+            serving, serving_s = applying.result()
+            clock.lap("serving_wait")
+            clock.laps["serving (beside the quarantine append)"] = serving_s
+            step("postgres")
+    return accepted, quarantined, serving
+
+
+def _apply_to_serving(
+    url: str,
+    lake: LakeLocation,
+    topic: str,
+    accepted: pl.DataFrame,
+    ranges: dict[int, tuple[int, int]],
+    run_id: str,
+) -> ServingResult:
+    """The batch's committed rows, after any gap below its ranges (a partition Postgres
+    has never seen; a mark lost since the catch-up at the start of the run)."""
+    catch_up(url, lake, topic, {p: start for p, (start, _) in ranges.items()}, run_id=run_id)
+    return apply_batch(url, accepted, topic=topic, ranges=ranges, run_id=run_id)
 
 
 def _timed(function: Callable[..., T], *args: object, **kwargs: object) -> tuple[T, float]:

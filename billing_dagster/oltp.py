@@ -12,7 +12,7 @@ import psycopg2.extensions
 from psycopg2 import sql
 
 from billing_dagster.contract import EVENT_SCHEMA
-from billing_dagster.serving import connect, migrate
+from billing_dagster.postgres_db import connect, migrate
 from billing_dagster.workload import PRIMARY_KEYS, Activity, RowChange
 
 OLTP_MIGRATIONS_DIR = Path(__file__).parent / "oltp_migrations"

@@ -1,19 +1,27 @@
-"""The Postgres serving layer: customer_balances and transaction_history, exactly once.
+"""The Postgres serving layer: customer_balances and transaction_history, a projection of
+the lake's billing_events that is applied exactly once per Kafka offset.
 
-One batch is applied in one transaction:
-1. lock the batch's Kafka partitions in `balance_offsets` (FOR UPDATE, in partition order)
-   and keep only accepted events at or above each partition's next offset;
-2. create the monthly transaction_history partitions the rows need;
-3. COPY the history rows and the per-customer deltas into temporary staging tables, then
-   INSERT ... ON CONFLICT: history rows are skipped if present, balances are increased
-   (`version = version + 1`), customers locked in id order so concurrent runs cannot
-   deadlock on each other;
-4. advance `balance_offsets` and record the batch in the `balance_batches` ledger.
+`balance_offsets` holds, per Kafka partition, the next offset whose billing_events rows are
+not yet in Postgres. A batch names the offset range its rows cover, `{partition: (start,
+end)}`, and is applied in one transaction:
+1. lock the batch's partitions in `balance_offsets` (FOR UPDATE, in partition order). A
+   partition already at or past `end` is skipped; one whose mark is below `start` would
+   leave offsets unapplied, so the batch fails (`ServingGapError`) instead of advancing
+   over them: the caller applies the gap from billing_events first (`projection.py`);
+2. COPY the rows at or above each mark into a staging table, INSERT them into
+   transaction_history (ON CONFLICT DO NOTHING) and add to each balance the sum of the
+   rows *actually inserted* (RETURNING), so per customer `current_balance` equals the
+   sum of its history rows by construction;
+3. advance `balance_offsets` and record the batch in the `balance_batches` ledger.
 
-A rerun, retry or replay of the same offsets finds them below `next_offset` and changes
-nothing; a crash before COMMIT changes nothing either. Balance semantics: a customer's
-balance is the sum of `amount_usd` of their accepted events, in USD. PAYMENT adds,
-REFUND and CHARGEBACK (negative amounts) subtract, ADJUSTMENT adds its signed amount.
+A rerun, retry or replay of the same offsets finds them below the mark and changes
+nothing; a crash before COMMIT changes nothing either, and a commit lost after the fact
+(a crash with non-durable commits, a restore from backup) leaves the mark behind the
+lake, which the next run or the sensor repairs from billing_events.
+
+Balance semantics: the sum of `amount_usd` of the customer's accepted events, in USD.
+PAYMENT adds, REFUND and CHARGEBACK (negative amounts) subtract, ADJUSTMENT adds its
+signed amount.
 """
 
 from __future__ import annotations
@@ -22,102 +30,36 @@ import hashlib
 import io
 import json
 import uuid
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from datetime import date
-from pathlib import Path
 
 import polars as pl
 import psycopg2
 import psycopg2.extensions
 
+from billing_dagster.postgres_db import (
+    ServingUnavailableError,
+    connect,
+    first_line,
+    redacted,
+)
 from billing_dagster.timing import PhaseClock
 
-MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 BALANCE_CURRENCY = "USD"
 #: Namespace for transaction ids of events whose event_id is not itself a UUID.
 TRANSACTION_NAMESPACE = uuid.UUID("6f1c1d2e-8a4b-4f0e-9a57-0b1e2d3c4f5a")
 _UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
-_MIGRATION_LOCK = 0x62696C6C  # any constant: serialises concurrent migrators
+#: The ledger's kinds: a batch applied by its own run, or offsets applied from
+#: billing_events because the serving marks were behind the lake.
+BATCH, REPAIR = "batch", "repair"
+
+#: Offset ranges per Kafka partition: {partition: (start, end)}, end exclusive.
+Ranges = Mapping[int, tuple[int, int]]
 
 
-class ServingUnavailableError(RuntimeError):
-    """Postgres cannot be reached or failed mid-batch; a retry is safe."""
-
-
-def _redacted(url: str) -> str:
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        credentials, host = rest.rsplit("@", 1)
-        return f"{scheme}://{credentials.split(':', 1)[0]}@{host}"
-    return url
-
-
-def _first_line(exc: Exception) -> str:
-    """psycopg2's messages run over several lines; the first one says what happened."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-@contextmanager
-def connect(
-    url: str, *, setting: str = "BILLING_POSTGRES_URL", what: str = "the serving Postgres"
-) -> Iterator[psycopg2.extensions.connection]:
-    try:
-        connection = psycopg2.connect(url, connect_timeout=10)
-    except psycopg2.OperationalError as exc:
-        raise ServingUnavailableError(
-            f"cannot reach {what} at {_redacted(url)} ({setting}): {_first_line(exc)}"
-        ) from None
-    try:
-        yield connection
-    finally:
-        connection.close()
-
-
-# ---- migrations --------------------------------------------------------------------
-
-
-def migration_files(directory: Path = MIGRATIONS_DIR) -> list[Path]:
-    return sorted(directory.glob("*.sql"))
-
-
-def migrate(
-    url: str,
-    directory: Path = MIGRATIONS_DIR,
-    *,
-    setting: str = "BILLING_POSTGRES_URL",
-    what: str = "the serving Postgres",
-) -> list[str]:
-    """Apply the migrations not yet applied, in file-name order; returns their names.
-
-    Safe to run any number of times and from several processes at once."""
-    applied: list[str] = []
-    with (
-        connect(url, setting=setting, what=what) as connection,
-        connection,
-        connection.cursor() as cursor,
-    ):
-        cursor.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-        # Qualified: a role named like a schema (user billing, schema billing) would
-        # otherwise find a second, empty ledger through search_path's "$user".
-        cursor.execute(
-            "CREATE TABLE IF NOT EXISTS public.schema_migrations ("
-            " version TEXT PRIMARY KEY,"
-            " applied_at TIMESTAMP WITH TIME ZONE NOT NULL DEFAULT NOW())"
-        )
-        cursor.execute("SELECT version FROM public.schema_migrations")
-        done = {row[0] for row in cursor.fetchall()}
-        for path in migration_files(directory):
-            if path.name in done:
-                continue
-            cursor.execute(path.read_text())
-            cursor.execute(
-                "INSERT INTO public.schema_migrations (version) VALUES (%s)", (path.name,)
-            )
-            applied.append(path.name)
-    return applied
+class ServingGapError(RuntimeError):
+    """The serving mark is below the batch's start: applying it would skip offsets."""
 
 
 # ---- pure frame work ---------------------------------------------------------------
@@ -137,6 +79,7 @@ def transaction_ids(event_ids: pl.Series) -> pl.Series:
 
 
 def history_rows(accepted: pl.DataFrame) -> pl.DataFrame:
+    """transaction_history's columns, in the table's order (COPY has no column list)."""
     return accepted.select(
         transaction_ids(accepted["event_id"]).alias("transaction_id"),
         "customer_id",
@@ -146,19 +89,9 @@ def history_rows(accepted: pl.DataFrame) -> pl.DataFrame:
         "currency",
         "amount_usd",
         "event_id",
-    )
-
-
-def balance_deltas(accepted: pl.DataFrame) -> pl.DataFrame:
-    """Per customer: the USD change to the balance, how many events, the latest event."""
-    return (
-        accepted.group_by("customer_id")
-        .agg(
-            pl.col("amount_usd").sum().alias("delta"),
-            pl.len().alias("events"),
-            pl.col("created_at").max().alias("last_event_at"),
-        )
-        .sort("customer_id")
+        "kafka_topic",
+        "kafka_partition",
+        "kafka_offset",
     )
 
 
@@ -174,9 +107,22 @@ def partition_name(month: date) -> str:
     return f"transaction_history_{month:%Y%m}"
 
 
-def batch_id(topic: str, applied: Mapping[int, tuple[int, int]]) -> str:
+def batch_id(topic: str, applied: Ranges) -> str:
     identity = json.dumps({"topic": topic, "ranges": sorted(applied.items())})
     return hashlib.sha256(identity.encode()).hexdigest()[:24]
+
+
+def rows_from(rows: pl.DataFrame, marks: Mapping[int, int]) -> pl.DataFrame:
+    """The rows at or above their partition's mark (partitions without a mark: none)."""
+    mark_frame = pl.DataFrame(
+        {"kafka_partition": list(marks), "_mark": list(marks.values())},
+        schema={"kafka_partition": pl.Int32, "_mark": pl.Int64},
+    )
+    return (
+        rows.join(mark_frame, on="kafka_partition", how="inner")
+        .filter(pl.col("kafka_offset") >= pl.col("_mark"))
+        .drop("_mark")
+    )
 
 
 # ---- the transaction -----------------------------------------------------------------
@@ -190,7 +136,10 @@ class ServingResult:
     history_inserted: int
     batch_id: str | None
     partitions_created: tuple[str, ...]
-    #: Seconds per phase (copy_history, insert_history, copy_balances, upsert_balances, commit).
+    #: The offsets this transaction moved the marks over: {partition: (from, to)}.
+    applied: dict[int, tuple[int, int]] = field(default_factory=dict)
+    amount_usd_applied: str = "0"
+    #: Seconds per phase (copy_history, insert_history_and_balances, commit).
     timings: Mapping[str, float] = field(default_factory=dict)
 
 
@@ -241,139 +190,170 @@ def ensure_partitions(connection: psycopg2.extensions.connection, months: list[d
 
 def apply_batch(
     url: str,
-    accepted: pl.DataFrame,
+    rows: pl.DataFrame,
     *,
     topic: str,
-    processed_up_to: Mapping[int, int],
+    ranges: Ranges,
     run_id: str,
+    kind: str = BATCH,
 ) -> ServingResult:
-    """Apply a batch's accepted events to the balances and history, exactly once.
+    """Apply billing_events rows to the balances and history, exactly once.
 
-    `processed_up_to`: next offset per Kafka partition once this batch is in (every
-    partition the batch read, including those without accepted events)."""
+    `rows`: every billing_events row of `topic` in `ranges` ({partition: (start, end)},
+    including partitions that hold no row: their marks advance too)."""
     try:
         with connect(url) as connection:
-            created = ensure_partitions(connection, months_of(accepted["created_at"]))
-            return _apply_locked(connection, accepted, topic, processed_up_to, run_id, created)
+            created = ensure_partitions(connection, months_of(rows["created_at"]))
+            with connection, connection.cursor() as cursor:
+                marks = _lock_marks(cursor, topic, ranges)
+                result = _apply_locked(cursor, rows, topic, ranges, marks, run_id, kind)
+            return replace(result, partitions_created=tuple(created))
     except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
         raise ServingUnavailableError(
-            f"serving Postgres at {_redacted(url)} failed mid-batch, nothing was committed: "
-            f"{_first_line(exc)}"
+            f"serving Postgres at {redacted(url)} failed mid-batch, nothing was committed: "
+            f"{first_line(exc)}"
         ) from None
 
 
-def _apply_locked(
-    connection: psycopg2.extensions.connection,
-    accepted: pl.DataFrame,
-    topic: str,
-    processed_up_to: Mapping[int, int],
-    run_id: str,
-    created: list[str],
-) -> ServingResult:
-    partitions = sorted(processed_up_to)
-    with connection, connection.cursor() as cursor:
-        if partitions:
-            cursor.execute(
-                "INSERT INTO balance_offsets (topic, kafka_partition, next_offset) "
-                "SELECT %s, p, 0 FROM unnest(%s::int[]) AS p ON CONFLICT DO NOTHING",
-                (topic, partitions),
-            )
-        cursor.execute(
-            "SELECT kafka_partition, next_offset FROM balance_offsets "
-            "WHERE topic = %s AND kafka_partition = ANY(%s) "
-            "ORDER BY kafka_partition FOR UPDATE",
-            (topic, partitions),
+def _lock_marks(cursor: psycopg2.extensions.cursor, topic: str, ranges: Ranges) -> dict[int, int]:
+    """The batch's partitions' marks, locked until COMMIT. A partition Postgres has no
+    mark for starts at 0: a new serving database (or one restored from before the
+    partition existed) has applied nothing of it."""
+    partitions = sorted(ranges)
+    cursor.execute(
+        "INSERT INTO balance_offsets (topic, kafka_partition, next_offset) "
+        "SELECT %s, p, 0 FROM unnest(%s::int[]) AS p ON CONFLICT DO NOTHING",
+        (topic, partitions),
+    )
+    cursor.execute(
+        "SELECT kafka_partition, next_offset FROM balance_offsets "
+        "WHERE topic = %s AND kafka_partition = ANY(%s) "
+        "ORDER BY kafka_partition FOR UPDATE",
+        (topic, partitions),
+    )
+    marks = dict(cursor.fetchall())
+    gaps = {p: (marks[p], start) for p, (start, _) in ranges.items() if marks[p] < start}
+    if gaps:
+        raise ServingGapError(
+            f"serving marks of {topic} are behind this batch: offsets "
+            + ", ".join(f"{p}:{m}-{s}" for p, (m, s) in sorted(gaps.items()))
+            + " are not applied; apply them from billing_events first"
         )
-        marks = dict(cursor.fetchall())
-        advance = {
-            p: (marks.get(p, 0), end) for p, end in processed_up_to.items() if end > marks.get(p, 0)
-        }
-        mark_frame = pl.DataFrame(
-            {"kafka_partition": list(marks), "_next": list(marks.values())},
-            schema={"kafka_partition": pl.Int32, "_next": pl.Int64},
-        )
-        fresh = (
-            accepted.join(mark_frame, on="kafka_partition", how="left")
-            .filter(pl.col("kafka_offset") >= pl.col("_next").fill_null(0))
-            .drop("_next")
-        )
-        if not advance:
-            return ServingResult(0, accepted.height, 0, 0, None, tuple(created))
+    return marks
 
-        history = history_rows(fresh)
-        deltas = balance_deltas(fresh)
-        cursor.execute(
-            "CREATE TEMP TABLE staging_history (LIKE transaction_history "
-            "INCLUDING DEFAULTS) ON COMMIT DROP"
-        )
-        clock = PhaseClock()
-        _copy(cursor, "staging_history", history)
-        clock.lap("copy_history")
-        cursor.execute(
-            "INSERT INTO transaction_history SELECT * FROM staging_history ON CONFLICT DO NOTHING"
-        )
-        history_inserted = cursor.rowcount
-        clock.lap("insert_history")
-        cursor.execute(
-            "CREATE TEMP TABLE staging_deltas (customer_id BIGINT, delta DECIMAL(14,2), "
-            "events INT, last_event_at TIMESTAMPTZ) ON COMMIT DROP"
-        )
-        _copy(cursor, "staging_deltas", deltas)
-        clock.lap("copy_balances")
-        cursor.execute(
-            "INSERT INTO customer_balances "
-            "  (customer_id, current_balance, currency, last_updated, version) "
-            "SELECT customer_id, delta, %s, NOW(), 1 FROM staging_deltas "
-            "ORDER BY customer_id "
-            "ON CONFLICT (customer_id) DO UPDATE SET "
-            "  current_balance = customer_balances.current_balance "
-            "    + EXCLUDED.current_balance, "
-            "  last_updated = EXCLUDED.last_updated, "
-            "  version = customer_balances.version + 1",
-            (BALANCE_CURRENCY,),
-        )
-        customers = cursor.rowcount
-        clock.lap("upsert_balances")
-        for partition, (_, end) in sorted(advance.items()):
-            cursor.execute(
-                "UPDATE balance_offsets SET next_offset = %s, updated_at = NOW() "
-                "WHERE topic = %s AND kafka_partition = %s",
-                (end, topic, partition),
-            )
-        identity = batch_id(topic, advance)
-        total = fresh["amount_usd"].sum() if fresh.height else 0
-        cursor.execute(
-            # clock_timestamp(), not NOW(): the moment the balances are about to commit,
-            # not when the transaction began (the latency benchmark reads it).
-            "INSERT INTO balance_batches (batch_id, topic, offset_ranges, run_id, "
-            "events_applied, customers_updated, amount_usd_total, applied_at) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s, clock_timestamp()) ON CONFLICT DO NOTHING",
-            (
-                identity,
-                topic,
-                json.dumps(
-                    [
-                        {"partition": p, "start": s, "end": e}
-                        for p, (s, e) in sorted(advance.items())
-                    ]
-                ),
-                run_id,
-                fresh.height,
-                customers,
-                str(total),
-            ),
-        )
-        connection.commit()
-        clock.lap("commit")
-        return ServingResult(
-            fresh.height,
-            accepted.height - fresh.height,
-            customers,
-            history_inserted,
+
+def _apply_locked(
+    cursor: psycopg2.extensions.cursor,
+    rows: pl.DataFrame,
+    topic: str,
+    ranges: Ranges,
+    marks: Mapping[int, int],
+    run_id: str,
+    kind: str,
+) -> ServingResult:
+    advance = {p: (marks[p], end) for p, (_, end) in ranges.items() if end > marks[p]}
+    if not advance:
+        return ServingResult(0, rows.height, 0, 0, None, ())
+    fresh = rows_from(rows, {p: start for p, (start, _) in advance.items()})
+    clock = PhaseClock()
+    inserted, customers, total = _insert_history_and_balances(cursor, fresh, clock)
+    cursor.execute(
+        "UPDATE balance_offsets AS b SET next_offset = t.e, updated_at = NOW() "
+        "FROM unnest(%s::int[], %s::bigint[]) AS t(p, e) "
+        "WHERE b.topic = %s AND b.kafka_partition = t.p",
+        (list(advance), [end for _, end in advance.values()], topic),
+    )
+    identity = batch_id(topic, advance)
+    cursor.execute(
+        # clock_timestamp(), not NOW(): the moment the balances are about to commit,
+        # not when the transaction began (the latency benchmark reads it).
+        "INSERT INTO balance_batches (batch_id, topic, offset_ranges, run_id, "
+        "events_applied, customers_updated, amount_usd_total, applied_at, kind) "
+        "VALUES (%s, %s, %s, %s, %s, %s, %s, clock_timestamp(), %s) ON CONFLICT DO NOTHING",
+        (
             identity,
-            tuple(created),
-            clock.laps,
+            topic,
+            json.dumps(
+                [{"partition": p, "start": s, "end": e} for p, (s, e) in sorted(advance.items())]
+            ),
+            run_id,
+            inserted,
+            customers,
+            total,
+            kind,
+        ),
+    )
+    cursor.connection.commit()
+    clock.lap("commit")
+    return ServingResult(
+        inserted,
+        rows.height - inserted,
+        customers,
+        inserted,
+        identity,
+        (),
+        dict(sorted(advance.items())),
+        total,
+        clock.laps,
+    )
+
+
+#: History first, then the balances from exactly the rows that went in.
+_INSERT_HISTORY_AND_BALANCES = """
+WITH inserted AS (
+    INSERT INTO transaction_history SELECT * FROM staging_history
+    ON CONFLICT DO NOTHING
+    RETURNING customer_id, amount_usd
+), deltas AS (
+    SELECT customer_id, sum(amount_usd) AS delta, count(*) AS events
+    FROM inserted GROUP BY customer_id
+), upserted AS (
+    INSERT INTO customer_balances
+        (customer_id, current_balance, currency, last_updated, version)
+    SELECT customer_id, delta, %s, NOW(), 1 FROM deltas ORDER BY customer_id
+    ON CONFLICT (customer_id) DO UPDATE SET
+        current_balance = customer_balances.current_balance + EXCLUDED.current_balance,
+        last_updated = EXCLUDED.last_updated,
+        version = customer_balances.version + 1
+    RETURNING 1
+)
+SELECT (SELECT coalesce(sum(events), 0) FROM deltas),
+       (SELECT count(*) FROM upserted),
+       (SELECT coalesce(sum(delta), 0)::text FROM deltas)
+"""
+
+
+def _insert_history_and_balances(
+    cursor: psycopg2.extensions.cursor, fresh: pl.DataFrame, clock: PhaseClock
+) -> tuple[int, int, str]:
+    """(history rows inserted, customers updated, their USD total as text)."""
+    if fresh.is_empty():
+        return 0, 0, "0"
+    cursor.execute(
+        "CREATE TEMP TABLE staging_history (LIKE transaction_history "
+        "INCLUDING DEFAULTS) ON COMMIT DROP"
+    )
+    _copy(cursor, "staging_history", history_rows(fresh))
+    clock.lap("copy_history")
+    cursor.execute(_INSERT_HISTORY_AND_BALANCES, (BALANCE_CURRENCY,))
+    inserted, customers, total = cursor.fetchone()
+    clock.lap("insert_history_and_balances")
+    return int(inserted), int(customers), total
+
+
+# ---- reading -------------------------------------------------------------------------
+
+
+def serving_marks(url: str, topic: str) -> dict[int, int]:
+    """Next offset per Kafka partition whose billing_events rows are not yet applied."""
+    with connect(url) as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT to_regclass('balance_offsets')")
+        if cursor.fetchone()[0] is None:
+            return {}
+        cursor.execute(
+            "SELECT kafka_partition, next_offset FROM balance_offsets WHERE topic = %s", (topic,)
         )
+        return dict(cursor.fetchall())
 
 
 def read_balances(url: str) -> pl.DataFrame:

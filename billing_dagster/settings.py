@@ -48,6 +48,7 @@ class Settings:
     lag_alert_threshold: int
     validation_alert_pct: Decimal
     alerts_interval_s: int
+    dedupe_horizon_days: int
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
@@ -234,4 +235,5 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         lag_alert_threshold=_int(env, "BILLING_LAG_ALERT_THRESHOLD", 10_000),
         validation_alert_pct=_percent(env, "BILLING_VALIDATION_ALERT_PERCENT", "0.01"),
         alerts_interval_s=_int(env, "BILLING_ALERTS_INTERVAL_SECONDS", 30),
+        dedupe_horizon_days=_int(env, "BILLING_DEDUPE_HORIZON_DAYS", 7),
     )

@@ -1,6 +1,6 @@
 from dagster import ConfigurableResource
 
-from billing_dagster.serving import migrate
+from billing_dagster.postgres_db import migrate
 
 
 class PostgresServingResource(ConfigurableResource):

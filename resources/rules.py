@@ -15,6 +15,9 @@ class BillingRulesResource(ConfigurableResource):
     supported_currencies: list[str] = list(DEFAULT_SUPPORTED_CURRENCIES)  # noqa: RUF012
     max_future_skew_seconds: int = 900
     schema_registry_url: str | None = None
+    #: Two deliveries of one event_id this far apart in event time are still one event
+    #: (at least the topic's retention: a redelivery can come from anywhere in it).
+    dedupe_horizon_days: int = 7
 
     def policy(self) -> ValidationPolicy:
         return ValidationPolicy(
@@ -35,4 +38,5 @@ class BillingRulesResource(ConfigurableResource):
             policy=self.policy(),
             value_format=value_format,
             registry=registry,
+            dedupe_horizon=timedelta(days=self.dedupe_horizon_days),
         )

@@ -8,8 +8,19 @@ from dagster._core.storage.dagster_run import IN_PROGRESS_RUN_STATUSES
 from billing_dagster.contract import RAW_TABLE
 from billing_dagster.delta_lake import committed_offsets
 from billing_dagster.ingest import record_origins
-from billing_dagster.offsets import PlannedBatch, plan_sensor_tick, waits_for_run
-from resources import DeltaLakeResource, KafkaResource
+from billing_dagster.offsets import (
+    OffsetRange,
+    PlannedBatch,
+    hour_key,
+    plan_sensor_tick,
+    waits_for_run,
+)
+from billing_dagster.postgres_db import ServingUnavailableError
+from billing_dagster.projection import decided_marks, serving_gaps
+from resources import DeltaLakeResource, KafkaResource, PostgresServingResource
+
+#: Tag of a run requested only to bring Postgres up to the lake (its catch-up step).
+REPAIR_TAG = "billing/repair"
 
 #: A run counts as in flight from the moment the queue holds it.
 WAITING_OR_RUNNING = [dg.DagsterRunStatus.QUEUED, *IN_PROGRESS_RUN_STATUSES]
@@ -24,9 +35,11 @@ def _parse_cursor(raw: str | None, topic: str) -> dict[int, int] | None:
     return {int(p): int(o) for p, o in state["offsets"].items()}
 
 
-def _run_request(batch: PlannedBatch, op_name: str) -> dg.RunRequest:
+def _run_request(
+    batch: PlannedBatch, op_name: str, *, run_key: str | None = None, tags: dict | None = None
+) -> dg.RunRequest:
     return dg.RunRequest(
-        run_key=batch.run_key,
+        run_key=run_key or batch.run_key,
         partition_key=batch.partition_key,
         run_config={
             "ops": {
@@ -41,7 +54,43 @@ def _run_request(batch: PlannedBatch, op_name: str) -> dg.RunRequest:
                 }
             }
         },
-        tags={"billing/records": str(batch.size)},
+        tags={"billing/records": str(batch.size), **(tags or {})},
+    )
+
+
+def _repair_request(
+    context: dg.SensorEvaluationContext,
+    postgres: PostgresServingResource,
+    lake: DeltaLakeResource,
+    topic: str,
+    partitions: list[int],
+    op_name: str,
+    now: datetime,
+) -> dg.RunRequest | None:
+    """A run that applies billing_events to Postgres where its marks are behind the
+    lake's (a restore from backup, a failover, a commit lost to a crash): its catch-up
+    step does the work, the offsets themselves are not read again."""
+    try:
+        gaps = serving_gaps(postgres.url, topic, decided_marks(lake.location(), topic, partitions))
+    except ServingUnavailableError as exc:
+        context.log.warning(f"cannot compare the serving marks with the lake: {exc}")
+        return None
+    if not gaps:
+        return None
+    ranges = ", ".join(f"{p}:{m}-{d}" for p, (m, d) in sorted(gaps.items()))
+    context.log.warning(
+        f"Postgres is behind the lake on {topic} at offsets {ranges}; "
+        "requesting a run to apply them from billing_events"
+    )
+    batch = PlannedBatch(
+        topic, hour_key(now), tuple(OffsetRange(p, m, d) for p, (m, d) in sorted(gaps.items()))
+    )
+    # Once a minute at most: a repair that fails (Postgres down) is retried, not flooded.
+    return _run_request(
+        batch,
+        op_name,
+        run_key=f"repair:{batch.run_key}:{int(now.timestamp()) // 60}",
+        tags={REPAIR_TAG: ranges},
     )
 
 
@@ -66,7 +115,10 @@ def build_kafka_offsets_sensor(
         ),
     )
     def kafka_offsets_sensor(
-        context: dg.SensorEvaluationContext, kafka: KafkaResource, lake: DeltaLakeResource
+        context: dg.SensorEvaluationContext,
+        kafka: KafkaResource,
+        lake: DeltaLakeResource,
+        postgres: PostgresServingResource,
     ) -> dg.SensorResult | dg.SkipReason:
         topic = kafka.topic
         cursor = _parse_cursor(context.cursor, topic)
@@ -99,6 +151,11 @@ def build_kafka_offsets_sensor(
             {"topic": topic, "offsets": {str(p): o for p, o in sorted(plan.cursor.items())}}
         )
         if not plan.batches:
+            repair = _repair_request(
+                context, postgres, lake, topic, sorted(marks), op_name, datetime.now(UTC)
+            )
+            if repair is not None:
+                return dg.SensorResult(run_requests=[repair], cursor=new_cursor)
             context.update_cursor(new_cursor)
             return dg.SkipReason(f"no new records on {topic}")
         if plan.recovering:

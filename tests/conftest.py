@@ -36,7 +36,8 @@ def kafka() -> Iterator[ApacheKafka]:
 
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[LocalPostgres]:
-    with LocalPostgres(database="dagster") as server:
+    # Non-durable for speed: the exactly-once tests run against both kinds (test_crashes).
+    with LocalPostgres(database="dagster", durable=False) as server:
         yield server
 
 

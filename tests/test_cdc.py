@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.request
 import uuid
+from collections import defaultdict
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -22,13 +23,20 @@ import polars as pl
 import pytest
 
 from billing_dagster.alerts import probe_connector
-from billing_dagster.contract import BILLING_EVENTS_TABLE, QUARANTINE_TABLE
+from billing_dagster.contract import (
+    BILLING_EVENTS_TABLE,
+    FX_RATES_TABLE,
+    QUARANTINE_TABLE,
+    RAW_TABLE,
+)
 from billing_dagster.delta_lake import read_table
+from billing_dagster.enrichment import usd_amount_of
 from billing_dagster.kafka_io import KafkaClient, KafkaSettings
 from billing_dagster.local_infra.debezium import CONNECTOR_NAME, LocalDebezium, reference_topic
 from billing_dagster.oltp import connect_oltp, migrate_oltp, oltp_events_of_day, write_activities
 from billing_dagster.oltp_reconciliation import reconcile_oltp_day
-from billing_dagster.serving import connect, read_balances
+from billing_dagster.postgres_db import connect
+from billing_dagster.serving import read_balances
 from billing_dagster.workload import BillingWorkload, billing_events_of
 
 from .conftest import Pipeline, pipeline_env
@@ -104,6 +112,41 @@ def records_in(pipeline: Pipeline, topic: str) -> int:
         return sum(client.end_offsets(topic).values())
 
 
+def every_offset(pipeline: Pipeline, topic: str) -> pl.DataFrame:
+    """(kafka_partition, kafka_offset) of every record of the topic (a new one: from 0)."""
+    with pipeline.client() as client:
+        ends = client.end_offsets(topic)
+    return pl.DataFrame(
+        [(p, o) for p, end in ends.items() for o in range(end)],
+        schema={"kafka_partition": pl.Int32, "kafka_offset": pl.Int64},
+        orient="row",
+    )
+
+
+def usd_of_rows(rows: pl.DataFrame, fx_rates: pl.DataFrame) -> dict[str, Decimal]:
+    """Each OLTP money row's amount in USD, by event_id, computed here with Decimal from the
+    rows and the FX reference the test loaded (rate of the event's UTC day; USD is 1)."""
+    rates = {(r["rate_date"], r["currency"]): r["usd_rate"] for r in fx_rates.iter_rows(named=True)}
+    return {
+        row["event_id"]: usd_amount_of(
+            row["amount"],
+            Decimal(1)
+            if row["currency"] == "USD"
+            else rates[(row["created_at"].astimezone(UTC).date(), row["currency"])],
+        )
+        for row in rows.iter_rows(named=True)
+    }
+
+
+def expected_balances(rows: pl.DataFrame, fx_rates: pl.DataFrame) -> dict[int, Decimal]:
+    """Per customer, the sum of its OLTP money rows in USD, each row once."""
+    usd = usd_of_rows(rows, fx_rates)
+    totals: dict[int, Decimal] = defaultdict(lambda: Decimal("0.00"))
+    for event_id, customer_id in rows.select("event_id", "customer_id").iter_rows():
+        totals[customer_id] += usd[event_id]
+    return dict(totals)
+
+
 def test_oltp_rows_reach_lake_and_balances_exactly_once_across_a_debezium_crash(
     cdc_pipeline: Pipeline, debezium: LocalDebezium, oltp_url: str, topic: str
 ):
@@ -115,7 +158,12 @@ def test_oltp_rows_reach_lake_and_balances_exactly_once_across_a_debezium_crash(
     debezium.start()
     write(oltp_url, batches[1])
     with dg.instance_for_test() as instance:
-        ingest_until_caught_up(pipeline, instance, oltp_events(oltp_url).height)
+        before_crash = oltp_events(oltp_url)
+        ingest_until_caught_up(pipeline, instance, before_crash.height)
+        # Snapshot then streaming, no crash: each row is exactly one Kafka record and one
+        # accepted event.
+        assert records_in(pipeline, topic) == before_crash.height
+        assert read_table(pipeline.lake, BILLING_EVENTS_TABLE).height == before_crash.height
 
         # A crash mid-stream: changes since the last offset flush are sent again after the
         # restart, and the rows committed while it is down must all still arrive.
@@ -135,7 +183,17 @@ def test_oltp_rows_reach_lake_and_balances_exactly_once_across_a_debezium_crash(
         assert lake.select(columns).sort("event_id").equals(source.select(columns).sort("event_id"))
         quarantine = pipeline.lake.open(QUARANTINE_TABLE)
         assert quarantine is None or read_table(pipeline.lake, QUARANTINE_TABLE).is_empty()
-        assert records_in(pipeline, topic) >= source.height
+        # Every Kafka record (the rows, plus whatever Debezium sent again after the crash)
+        # is in raw/ exactly once; its deliveries are of exactly the OLTP rows, and all the
+        # redeliveries, and nothing else, were dropped as duplicates.
+        raw = read_table(pipeline.lake, RAW_TABLE)
+        position = ["kafka_partition", "kafka_offset"]
+        assert raw.height == records_in(pipeline, topic) >= source.height
+        assert (
+            raw.select(position).sort(position).equals(every_offset(pipeline, topic).sort(position))
+        )
+        assert set(raw["event_id"]) == set(source["event_id"])
+        assert lake.select(position).n_unique() == lake.height
         # Each customer's changes share one partition (PartitionRouting on customer_id).
         partitions = lake.group_by("customer_id").agg(pl.col("kafka_partition").n_unique())
         assert (partitions["kafka_partition"] == 1).all()
@@ -149,15 +207,28 @@ def test_oltp_rows_reach_lake_and_balances_exactly_once_across_a_debezium_crash(
         assert set(source["transaction_type"]) == {"PAYMENT", "REFUND", "CHARGEBACK", "ADJUSTMENT"}
         assert source["currency"].n_unique() >= 3
 
-        # Balances: one row per customer with its events' USD sum, each event applied once.
+        # Balances: one row per customer, the USD sum of its OLTP rows recomputed here from
+        # the rows and the loaded FX rates, to the cent; each row applied exactly once.
+        fx_rates = read_table(pipeline.lake, FX_RATES_TABLE)
         balances = read_balances(pipeline.settings.postgres_url)
-        expected = lake.group_by("customer_id").agg(pl.col("amount_usd").sum())
-        merged = balances.join(expected, on="customer_id", how="full", coalesce=True)
-        assert merged.height == expected.height
-        assert (merged["current_balance"] == merged["amount_usd"]).all()
+        assert dict(balances.select("customer_id", "current_balance").iter_rows()) == (
+            expected_balances(source, fx_rates)
+        )
+        assert dict(lake.select("event_id", "amount_usd").iter_rows()) == usd_of_rows(
+            source, fx_rates
+        )
         with connect(pipeline.settings.postgres_url) as conn, conn.cursor() as cursor:
-            cursor.execute("SELECT count(*), count(DISTINCT event_id) FROM transaction_history")
-            assert cursor.fetchone() == (source.height, source.height)
+            cursor.execute(
+                "SELECT event_id, amount_usd, kafka_partition, kafka_offset "
+                "FROM transaction_history"
+            )
+            history = cursor.fetchall()
+        # One history row per OLTP row, with its USD amount, at its lake row's offset.
+        assert len(history) == source.height
+        assert {e: usd for e, usd, _, _ in history} == usd_of_rows(source, fx_rates)
+        assert sorted((e, p, o) for e, _, p, o in history) == sorted(
+            lake.select("event_id", *position).iter_rows()
+        )
 
         # Reconciliation against the OLTP source: zero discrepancy, every day.
         for day in sorted(set(source["created_at"].dt.date())):

@@ -4,24 +4,41 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
 import subprocess
+import threading
 import time
+from collections import defaultdict
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 
+import dagster as dg
 import polars as pl
 import pytest
+from dagster import DagsterEventType
 
-from billing_dagster.contract import BILLING_EVENTS_TABLE, QUARANTINE_TABLE, RAW_TABLE
+from assets.ingest import RAW_BILLING_EVENTS
+from billing_dagster.contract import (
+    BILLING_EVENTS_TABLE,
+    FX_RATES_TABLE,
+    QUARANTINE_SCHEMA,
+    QUARANTINE_TABLE,
+    RAW_TABLE,
+)
+from billing_dagster.definitions import INGEST_CONCURRENCY_TAG
 from billing_dagster.delta_lake import read_table
+from billing_dagster.enrichment import usd_amount_of
 from billing_dagster.local_infra.dagster import dagster_daemon
 from billing_dagster.local_infra.process import REPO_ROOT
-from billing_dagster.offsets import hour_start
-from billing_dagster.serving import connect, read_balances
-from billing_dagster.synthetic import SyntheticBillingStream
+from billing_dagster.offsets import hour_start, ranges_from_text
+from billing_dagster.postgres_db import connect
+from billing_dagster.producer import make_producer, produce_records
+from billing_dagster.serving import read_balances
+from billing_dagster.synthetic import GeneratedRecord, SyntheticBillingStream
 
 from .conftest import Pipeline, pipeline_env
 from .test_settings_and_cli import run_cli
@@ -122,15 +139,81 @@ def replay(pipeline: Pipeline, start: datetime, end: datetime) -> dict:
     return json.loads(result.stdout)
 
 
+def replay_ingest_metadata(instance: dg.DagsterInstance, backfill_id: str) -> list[dict]:
+    """The raw_billing_events metadata of each ingest run of a replay's backfill."""
+    found = []
+    for run in instance.get_runs(dg.RunsFilter.for_backfill(backfill_id)):
+        records = instance.get_records_for_run(
+            run.run_id, of_type=DagsterEventType.ASSET_MATERIALIZATION
+        ).records
+        for record in records:
+            materialization = record.event_log_entry.asset_materialization
+            if materialization.asset_key == RAW_BILLING_EVENTS:
+                metadata = {k: v.value for k, v in materialization.metadata.items()}
+                found.append({"run_id": run.run_id, **metadata})
+    return found
+
+
+def positions(frame: pl.DataFrame) -> set[tuple[int, int]]:
+    return set(frame.select("kafka_partition", "kafka_offset").iter_rows())
+
+
+def expected_balances(
+    records: list[GeneratedRecord], fx_rates: pl.DataFrame
+) -> tuple[set[str], dict[int, Decimal]]:
+    """Computed from what was produced: the valid events (each event_id once) and, per
+    customer, their amounts in USD with the FX rates the test loaded, summed in Decimal."""
+    rates = {(r["rate_date"], r["currency"]): r["usd_rate"] for r in fx_rates.iter_rows(named=True)}
+    events = {r.event.event_id: r.event for r in records if r.event is not None}
+    totals: dict[int, Decimal] = defaultdict(lambda: Decimal("0.00"))
+    for event in events.values():
+        rate = (
+            Decimal(1)
+            if event.currency == "USD"
+            else rates[(event.created_at.astimezone(UTC).date(), event.currency)]
+        )
+        totals[event.customer_id] += usd_amount_of(event.amount, rate)
+    return set(events), dict(totals)
+
+
+class Feed:
+    """New records the whole time it runs, a few every fraction of a second, as live
+    traffic keeps arriving while an operator replays."""
+
+    def __init__(self, pipeline: Pipeline, stream: SyntheticBillingStream) -> None:
+        self.pipeline, self.stream = pipeline, stream
+        self.produced: list[GeneratedRecord] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        producer = make_producer(self.pipeline.settings.kafka_bootstrap_servers)
+        while not self.stop.is_set():
+            chunk = list(self.stream.records(10))
+            produce_records(producer, self.pipeline.settings.topic, chunk)
+            self.produced.extend(chunk)
+            time.sleep(0.3)
+
+    def __enter__(self) -> Feed:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=90)
+        assert not self.thread.is_alive()
+
+
 # Two backfills at the daemon's fixed 30 s cadence: ~4 min here, more on a loaded machine.
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1200)
 def test_replaying_processed_ranges_changes_nothing_even_beside_the_live_sensor(
-    operated: Pipeline,
+    operated: Pipeline, monkeypatch
 ):
     pipeline = operated
     # The range spans a schema change: v1 events (no tax_amount field), then v2 events.
-    pipeline.produce(list(SyntheticBillingStream(seed=21, v1_rate=1.0).records(150)))
-    pipeline.produce(list(SyntheticBillingStream(seed=22, v1_rate=0.0).records(150)))
+    produced = list(SyntheticBillingStream(seed=21, v1_rate=1.0).records(150))
+    produced += list(SyntheticBillingStream(seed=22, v1_rate=0.0).records(150))
+    pipeline.produce(produced)
     status = wait_until_caught_up(pipeline)
     assert status["last_run"]["status"] == "SUCCESS"
     assert status["last_run"]["kind"] == "kafka"  # launched by the live sensor
@@ -165,37 +248,107 @@ def test_replaying_processed_ranges_changes_nothing_even_beside_the_live_sensor(
     )
     assert plan["to_process"] == 0
 
-    first = replay(pipeline, start, end)
-    assert first["status"] == "COMPLETED_SUCCESS" and first["failed_runs"] == 0
-    assert first["runs"] >= 2  # the log hour's ingest run, then the aggregates
-    assert_same(before, snapshot(pipeline))
+    # The daemon's runs, as the UI shows them (the same Postgres run storage).
+    monkeypatch.setenv("DAGSTER_POSTGRES_URL", pipeline.env["DAGSTER_POSTGRES_URL"])
+    instance = dg.DagsterInstance.from_config(pipeline.env["DAGSTER_HOME"])
+    try:
+        first = replay(pipeline, start, end)
+        assert first["status"] == "COMPLETED_SUCCESS" and first["failed_runs"] == 0
+        assert first["runs"] >= 2  # the log hour's ingest run, then the aggregates
+        assert_same(before, snapshot(pipeline))
+        # It covered every processed range (one per partition and log hour of the Kafka
+        # timestamps) and found each committed: no record was read again.
+        old = pl.concat(
+            [
+                before[name].select("kafka_partition", "kafka_timestamp")
+                for name in (RAW_TABLE, QUARANTINE_TABLE)
+                if name in before
+            ]
+        )
+        hour_ranges = old.select(
+            "kafka_partition", pl.col("kafka_timestamp").dt.truncate("1h")
+        ).n_unique()
+        reads = replay_ingest_metadata(instance, first["backfill_id"])
+        assert reads and sum(m["records_read"] for m in reads) == 0
+        assert sum(m["requested_ranges_already_committed"] for m in reads) == hour_ranges
+        assert all(m["offset_ranges_read"] == "" for m in reads)
 
-    # Again over the same range, now racing the live sensor over new records: the old
-    # offsets stay as they were and each new one is applied once, by whichever run is first.
-    pipeline.produce(list(SyntheticBillingStream(seed=23).records(200)))
-    raced = replay(pipeline, start, datetime.now(UTC) + timedelta(minutes=1))
-    assert raced["status"] == "COMPLETED_SUCCESS"
-    status = wait_until_caught_up(pipeline)
+        # Again over the same range while new records keep arriving and the live sensor
+        # ingests them. The run queue holds one run of the ingest lane at a time
+        # (billing/ingest, limit 1, dev/dagster.yaml), so the replay's run and the sensor's
+        # never execute together; but the replay's run starts between sensor runs and
+        # its log hour then reaches offsets the sensor has not taken yet, or has requested
+        # in a run still queued. Each of those is applied once, by whichever run is first;
+        # the processed ones are neither read again nor changed.
+        processed = positions(before[RAW_TABLE]) | positions(
+            before.get(QUARANTINE_TABLE, before[RAW_TABLE].clear())
+        )
+        old_marks = {p: max(o for q, o in processed if q == p) + 1 for p, _ in processed}
+        with Feed(pipeline, SyntheticBillingStream(seed=23)) as feed:
+            time.sleep(3)  # the live sensor is already ingesting when the replay starts
+            raced = replay(pipeline, start, datetime.now(UTC) + timedelta(minutes=1))
+        produced += feed.produced
+        assert raced["status"] == "COMPLETED_SUCCESS" and raced["failed_runs"] == 0
+        assert raced["already_processed"] >= len(processed)
+        status = wait_until_caught_up(pipeline)
+        assert sum(p["end"] for p in status["partitions"]) == len(produced)
+
+        raced_reads = replay_ingest_metadata(instance, raced["backfill_id"])
+        assert raced_reads
+        # The replay took new records (in flight for the sensor) ...
+        assert sum(m["records_read"] for m in raced_reads) > 0
+        # ... and none it had processed before: every range it read starts past them.
+        read = [r for m in raced_reads for r in ranges_from_text(m["offset_ranges_read"])]
+        assert read
+        assert all(r.start >= old_marks.get(r.partition, 0) for r in read)
+        replay_runs = {m["run_id"] for m in raced_reads}
+
+        # No two runs of the ingest lane overlapped (why this is no race in execution).
+        lane = [
+            r for r in instance.get_run_records() if INGEST_CONCURRENCY_TAG in r.dagster_run.tags
+        ]
+        assert len(lane) >= 4 and all(r.start_time and r.end_time for r in lane)
+        lane.sort(key=lambda r: r.start_time)
+        for earlier, later in itertools.pairwise(lane):
+            assert later.start_time >= earlier.end_time, (earlier.dagster_run.run_id, later)
+    finally:
+        instance.dispose()
+
     after = snapshot(pipeline)
-    old = before[RAW_TABLE].select("kafka_partition", "kafka_offset", "event_id")
-    assert old.join(after[RAW_TABLE], on=["kafka_partition", "kafka_offset"], how="anti").is_empty()
-    # Every offset is in raw/ (decoded) or only in quarantine/ (undecodable), raw/ once.
+    # What was processed before the replays is exactly as it was (the same rows, written
+    # by the same runs at the same moments).
+    for name in (RAW_TABLE, BILLING_EVENTS_TABLE, QUARANTINE_TABLE):
+        if name in before:
+            assert before[name].join(after[name], on=before[name].columns, how="anti").is_empty()
     raw = read_table(pipeline.lake, RAW_TABLE)
-    position = ["kafka_partition", "kafka_offset"]
-    assert raw.select(position).n_unique() == raw.height
-    seen = pl.concat(
-        [raw.select(position), read_table(pipeline.lake, QUARANTINE_TABLE).select(position)]
+    quarantine = (
+        read_table(pipeline.lake, QUARANTINE_TABLE)
+        if pipeline.lake.open(QUARANTINE_TABLE) is not None
+        else pl.DataFrame(schema=QUARANTINE_SCHEMA)
     )
-    assert seen.n_unique() == sum(p["end"] for p in status["partitions"])
+    # The offsets the replay read are exactly the ones whose rows its run wrote.
+    by_replay = pl.col("ingest_run_id").is_in(list(replay_runs))
+    assert positions(raw.filter(by_replay)) | positions(quarantine.filter(by_replay)) == {
+        (r.partition, o) for r in read for o in range(r.start, r.end)
+    }
+    # Every offset is in raw/ (decoded) or only in quarantine/ (undecodable), raw/ once.
+    assert raw.select("kafka_partition", "kafka_offset").n_unique() == raw.height
+    assert positions(raw) | positions(quarantine) == {
+        (p["partition"], o) for p in status["partitions"] for o in range(p["end"])
+    }
+    assert raw.height == sum(1 for r in produced if r.kind != "invalid")
+    # Each produced event is accepted exactly once, at one offset; nothing else is.
     events = read_table(pipeline.lake, BILLING_EVENTS_TABLE)
-    assert events["event_id"].n_unique() == events.height
-    balances = read_balances(pipeline.settings.postgres_url)
-    expected = events.group_by("customer_id").agg(pl.col("amount_usd").sum())
-    joined = balances.join(expected, on="customer_id", how="full", coalesce=True)
-    assert (joined["current_balance"] == joined["amount_usd"]).all()
+    event_ids, balances = expected_balances(produced, read_table(pipeline.lake, FX_RATES_TABLE))
+    assert events["event_id"].n_unique() == events.height == len(event_ids)
+    assert set(events["event_id"]) == event_ids
+    assert len(positions(events)) == events.height
+    # Balances: recomputed from the produced records, to the cent.
+    served = read_balances(pipeline.settings.postgres_url)
+    assert dict(served.select("customer_id", "current_balance").iter_rows()) == balances
     with connect(pipeline.settings.postgres_url) as conn, conn.cursor() as cursor:
-        cursor.execute("SELECT count(*) FROM transaction_history")
-        assert cursor.fetchone()[0] == events.height
+        cursor.execute("SELECT count(*), count(DISTINCT event_id) FROM transaction_history")
+        assert cursor.fetchone() == (events.height, events.height)
 
 
 @pytest.mark.parametrize(

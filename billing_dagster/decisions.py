@@ -1,0 +1,78 @@
+"""An offset is decided once: a retry keeps what an earlier attempt committed.
+
+The cleaning step judges a batch from its records, the reference data and what
+billing_events already holds. Between two attempts at the same offsets any of those can
+change (a `reference load`, a concurrent writer), so a retry could decide differently. For
+offsets billing_events has already committed, its rows are the decision: they stay
+accepted whatever the rules say now, and a record the rules would accept now but that is
+not among them was rejected when first decided: it goes to quarantine, never to the
+balances a second way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+
+import polars as pl
+
+from billing_dagster.cleaning import CleanedBatch
+from billing_dagster.decoding import RAW_VALUE, quarantine_rows
+
+#: The rule of a record the rules accept now that an earlier attempt did not accept.
+REJECTED_EARLIER_RULE = "decision:rejected_earlier"
+_POSITION = ["kafka_partition", "kafka_offset"]
+
+
+def _in_decided(decided: Mapping[int, int]) -> pl.Expr:
+    within = pl.lit(False)
+    for partition, mark in decided.items():
+        within = within | (
+            (pl.col("kafka_partition") == partition) & (pl.col("kafka_offset") < mark)
+        )
+    return within
+
+
+def keep_decisions(
+    cleaned: CleanedBatch,
+    events: pl.DataFrame,
+    committed: pl.DataFrame,
+    decided: Mapping[int, int],
+    *,
+    run_id: str,
+    now: datetime,
+) -> CleanedBatch:
+    """`decided`: per partition, the offset below which billing_events has committed this
+    batch's decisions; `committed`: billing_events' rows there. `events`: the batch's
+    decoded deliveries (raw_value beside them), for quarantine rows."""
+    if not decided:
+        return cleaned
+    earlier = _in_decided(decided)
+    positions = committed.select(_POSITION)
+    rejected_earlier = cleaned.accepted.filter(earlier).join(positions, on=_POSITION, how="anti")
+    late_quarantine = quarantine_rows(
+        events.join(rejected_earlier.select(_POSITION), on=_POSITION, how="semi").select(
+            "kafka_topic",
+            "kafka_partition",
+            "kafka_offset",
+            "kafka_timestamp",
+            "kafka_key",
+            RAW_VALUE,
+            stage=pl.lit("dedupe"),
+            rules=pl.lit([REJECTED_EARLIER_RULE], dtype=pl.List(pl.String)),
+            reason=pl.lit(
+                "an earlier attempt at this offset did not accept it and billing_events "
+                "committed that decision; the rules accept it now (reference data or "
+                "rules changed in between): re-validate it from quarantine if it should count"
+            ),
+        ),
+        run_id=run_id,
+        now=now,
+    )
+    return CleanedBatch(
+        accepted=pl.concat([cleaned.accepted.filter(~earlier), committed]).sort(_POSITION),
+        duplicates=cleaned.duplicates.join(positions, on=_POSITION, how="anti"),
+        quarantine=pl.concat(
+            [cleaned.quarantine.join(positions, on=_POSITION, how="anti"), late_quarantine]
+        ),
+    )
