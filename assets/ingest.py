@@ -24,6 +24,8 @@ from resources import (
 
 #: The op that reads one batch of offsets and materializes both assets.
 INGEST_OP = "ingest_billing_batch"
+#: The job of the ingest lane (its runs carry the billing/ingest tag).
+INGEST_JOB = "ingest_billing_events"
 RAW_BILLING_EVENTS = dg.AssetKey("raw_billing_events")
 BILLING_EVENTS = dg.AssetKey("billing_events")
 CUSTOMER_BALANCES = dg.AssetKey("customer_balances")

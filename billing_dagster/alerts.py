@@ -131,6 +131,60 @@ def validation_failure_rate_alert(
     )
 
 
+def serving_behind_alert(
+    gaps: Mapping[int, tuple[int, int]] | None,
+    repairs: Sequence[Mapping[str, object]],
+    *,
+    topic: str,
+    window_minutes: int,
+    error: str | None = None,
+) -> Alert:
+    """Postgres behind the lake: now (`gaps`, {partition: (serving, lake)}, taken between
+    ingest runs), or repaired from billing_events in the last `window_minutes` (`repairs`,
+    the ledger's rows that applied events). `error`: Postgres could not be asked."""
+    ranges = ", ".join(f"{p}:{s}-{e}" for p, (s, e) in sorted((gaps or {}).items()))
+    repaired = ", ".join(str(r["offset_ranges"]) for r in repairs)
+    if error:
+        summary = f"Postgres out of reach, balances are not being updated: {error}"
+    elif ranges:
+        summary = f"Postgres is behind the lake on {topic} at offsets {ranges}"
+    elif repairs:
+        events = sum(int(r["events_applied"]) for r in repairs)
+        summary = (
+            f"Postgres was behind the lake on {topic}: {events:,} events re-applied from "
+            f"billing_events in the last {window_minutes} min at offsets {repaired}"
+        )
+    else:
+        summary = f"Postgres holds every offset the lake decided on {topic}"
+    return Alert(
+        name="serving_behind_lake",
+        title="Balances Behind Lake",
+        severity="critical",
+        firing=bool(error or ranges or repairs),
+        summary=summary,
+        value=sum(e - s for s, e in (gaps or {}).values()),
+        threshold=0,
+        runbook="serving-behind-lake.md",
+        details={"behind": ranges, "repaired": [dict(r) for r in repairs], "error": error},
+    )
+
+
+def invariant_alert(failures: Mapping[str, str]) -> Alert:
+    """`failures`: the serving invariants whose latest check failed, with its summary."""
+    return Alert(
+        name="serving_invariant_broken",
+        title="Serving Invariant Broken",
+        severity="critical",
+        firing=bool(failures),
+        summary="; ".join(f"{name}: {text}" for name, text in sorted(failures.items()))
+        or "every serving invariant held at its last check",
+        value=len(failures),
+        threshold=0,
+        runbook="serving-invariant-broken.md",
+        details=dict(failures),
+    )
+
+
 def _first_line(text: str) -> str:
     return (text or "").strip().splitlines()[0][:300] if (text or "").strip() else ""
 

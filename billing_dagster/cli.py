@@ -558,6 +558,7 @@ def status(topic: str | None, as_json: bool) -> None:
     from billing_dagster.delta_lake import committed_offsets
     from billing_dagster.operations import partition_status
     from billing_dagster.reconciliation import latest_reconciliation
+    from billing_dagster.serving import serving_marks
 
     settings = load_settings()
     topic = topic or settings.topic
@@ -565,7 +566,12 @@ def status(topic: str | None, as_json: bool) -> None:
     with _kafka_client(settings) as client:
         marks = client.watermarks(topic)  # an unknown topic is one clear error
     committed = committed_offsets(lake.open(RAW_TABLE), topic, list(marks))
-    partitions = partition_status(marks, committed)
+    try:
+        serving: dict[int, int] | None = serving_marks(settings.postgres_url, topic)
+        serving_error = None
+    except ServingUnavailableError as exc:
+        serving, serving_error = None, str(exc)
+    partitions = partition_status(marks, committed, serving)
     last_run, in_progress = None, None
     if os.environ.get("DAGSTER_HOME"):
         import dagster as dg
@@ -586,9 +592,18 @@ def status(topic: str | None, as_json: bool) -> None:
         "topic": topic,
         "lag": sum(p.lag for p in partitions),
         "partitions": [
-            {"partition": p.partition, "end": p.end, "processed": p.processed, "lag": p.lag}
+            {
+                "partition": p.partition,
+                "end": p.end,
+                "processed": p.processed,
+                "lag": p.lag,
+                "lake": p.lake,
+                "serving": p.serving,
+            }
             for p in partitions
         ],
+        # Processed = in the lake and in Postgres; None here: Postgres unknown.
+        "serving_unavailable": serving_error,
         "last_run": last_run,
         "ingest_runs_in_progress": in_progress,
         "last_reconciliation": None
@@ -603,10 +618,20 @@ def status(topic: str | None, as_json: bool) -> None:
         click.echo(json.dumps(report, indent=2))
         return
     click.echo(f"topic {topic}: total lag {report['lag']:,} records")
-    click.echo(f"{'partition':>9} {'end':>12} {'processed':>12} {'lag':>10}")
+    if serving_error:
+        click.echo(f"Postgres out of reach, lag counts the lake only: {serving_error}")
+    click.echo(
+        f"{'partition':>9} {'end':>12} {'processed':>12} {'lag':>10} {'lake':>12} {'postgres':>12}"
+    )
+
+    def shown(offset: int | None) -> str:
+        return "-" if offset is None else f"{offset:,}"
+
     for p in partitions:
-        processed = "-" if p.processed is None else f"{p.processed:,}"
-        click.echo(f"{p.partition:>9} {p.end:>12,} {processed:>12} {p.lag:>10,}")
+        click.echo(
+            f"{p.partition:>9} {p.end:>12,} {shown(p.processed):>12} {p.lag:>10,} "
+            f"{shown(p.lake):>12} {shown(p.serving):>12}"
+        )
     if last_run is None:
         where = "" if os.environ.get("DAGSTER_HOME") else " (DAGSTER_HOME not set)"
         click.echo(f"last ingest run: none{where}")

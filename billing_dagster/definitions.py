@@ -5,7 +5,8 @@ from __future__ import annotations
 import dagster as dg
 
 from assets.aggregates import build_aggregate_assets
-from assets.ingest import INGEST_OP, build_ingest_assets
+from assets.ingest import INGEST_JOB, INGEST_OP, build_ingest_assets
+from assets.invariant_checks import build_invariant_checks
 from assets.maintenance import compact_event_hours, vacuum_lake_tables
 from assets.partitions import day_partitions, log_hour_partitions, month_partitions
 from assets.quality_checks import build_quality_checks
@@ -78,6 +79,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         day_partitions(settings.partitions_start), month_partitions(settings.partitions_start)
     )
     checks = build_quality_checks()
+    invariant_checks = build_invariant_checks()
     # Reconciliation against the OLTP source exists only where CDC from it is configured.
     oltp_assets = (
         [build_oltp_reconciliation_asset(day_partitions(settings.partitions_start))]
@@ -85,11 +87,15 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         else []
     )
     ingest_job = dg.define_asset_job(
-        "ingest_billing_events",
+        INGEST_JOB,
         # The aggregates run in the same run, after the batch: revenue is current as soon
         # as the run ends, and a blocking billing_events check failure stops them.
-        selection=dg.AssetSelection.assets(ingest_assets, aggregate_assets)
-        | dg.AssetSelection.checks(*checks),
+        selection=(
+            dg.AssetSelection.assets(ingest_assets, aggregate_assets)
+            | dg.AssetSelection.checks(*checks)
+        )
+        # Whole-table scans: never on the latency path of a batch.
+        - dg.AssetSelection.checks(invariant_checks),
         tags={INGEST_CONCURRENCY_TAG: "kafka"},
         # In process: separate step processes would only add ~2 s of start-up each.
         executor_def=dg.in_process_executor,
@@ -107,6 +113,17 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         description=(
             "Reconcile one day's real-time revenue against the raw lake (and, with "
             "BILLING_OLTP_URL, against the OLTP database)."
+        ),
+    )
+    invariants_job = dg.define_asset_job(
+        "check_serving_invariants",
+        selection=dg.AssetSelection.checks(invariant_checks),
+        # In the ingest lane: the marks are compared between batches, never during one.
+        tags={INGEST_CONCURRENCY_TAG: "invariants"},
+        executor_def=dg.in_process_executor,
+        description=(
+            "Postgres against the lake: balances = history per customer, history = "
+            "billing_events per day, serving marks = lake marks."
         ),
     )
     monthly_job = dg.define_asset_job(
@@ -145,13 +162,20 @@ def build_definitions(settings: Settings) -> dg.Definitions:
             monthly_report,
             *oltp_assets,
         ],
-        asset_checks=checks,
-        jobs=[ingest_job, reconcile_job, monthly_job, compact_lake, vacuum_lake],
+        asset_checks=[*checks, invariant_checks],
+        jobs=[ingest_job, reconcile_job, invariants_job, monthly_job, compact_lake, vacuum_lake],
         schedules=[
             dg.ScheduleDefinition(
                 name="compact_lake_schedule",
                 job=compact_lake,
                 cron_schedule="10 * * * *",
+                execution_timezone="UTC",
+                default_status=dg.DefaultScheduleStatus.RUNNING,
+            ),
+            dg.ScheduleDefinition(
+                name="check_serving_invariants_schedule",
+                job=invariants_job,
+                cron_schedule="*/15 * * * *",
                 execution_timezone="UTC",
                 default_status=dg.DefaultScheduleStatus.RUNNING,
             ),

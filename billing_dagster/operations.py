@@ -21,6 +21,7 @@ from billing_dagster.offsets import (
     hour_start,
     ranges_for_hour,
 )
+from billing_dagster.projection import processed_offsets
 
 
 class OperationError(ValueError):
@@ -32,8 +33,12 @@ class PartitionStatus:
     partition: int
     low: int
     end: int
-    #: Next offset to process as committed in raw/; None before the lake has seen it.
+    #: Next offset not yet in both stores: min(raw/'s mark, Postgres' mark); None before
+    #: the lake has seen the partition.
     processed: int | None
+    #: The two stores' own marks (serving None: Postgres out of reach).
+    lake: int | None = None
+    serving: int | None = None
 
     @property
     def lag(self) -> int:
@@ -41,10 +46,22 @@ class PartitionStatus:
 
 
 def partition_status(
-    marks: Mapping[int, tuple[int, int]], committed: Mapping[int, int | None]
+    marks: Mapping[int, tuple[int, int]],
+    committed: Mapping[int, int | None],
+    serving: Mapping[int, int] | None = None,
 ) -> list[PartitionStatus]:
+    """`committed`: raw/'s marks; `serving`: Postgres' (None: unknown)."""
+    processed = processed_offsets(committed, serving)
     return [
-        PartitionStatus(p, low, end, committed.get(p)) for p, (low, end) in sorted(marks.items())
+        PartitionStatus(
+            p,
+            low,
+            end,
+            processed.get(p),
+            committed.get(p),
+            None if serving is None else serving.get(p, 0),
+        )
+        for p, (low, end) in sorted(marks.items())
     ]
 
 

@@ -38,6 +38,16 @@ def decided_marks(
     }
 
 
+def processed_offsets(
+    lake: Mapping[int, int | None], serving: Mapping[int, int] | None
+) -> dict[int, int | None]:
+    """An offset counts as processed once both stores hold it: min(lake, serving) per
+    partition (`serving` None: Postgres is out of reach, so the lake's alone)."""
+    if serving is None:
+        return dict(lake)
+    return {p: None if m is None else min(m, serving.get(p, 0)) for p, m in lake.items()}
+
+
 def offsets_filter(topic: str, ranges: Ranges) -> pl.Expr:
     """Rows of `topic` in any of `ranges` ({partition: (start, end)})."""
     within = pl.lit(False)

@@ -32,7 +32,7 @@ import json
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from datetime import date
+from datetime import date, datetime
 
 import polars as pl
 import psycopg2
@@ -107,8 +107,10 @@ def partition_name(month: date) -> str:
     return f"transaction_history_{month:%Y%m}"
 
 
-def batch_id(topic: str, applied: Ranges) -> str:
-    identity = json.dumps({"topic": topic, "ranges": sorted(applied.items())})
+def batch_id(topic: str, applied: Ranges, kind: str = BATCH) -> str:
+    """The ledger's key: what was applied, and how (a repair of a batch's range is an
+    entry of its own beside the batch's, if that one survived)."""
+    identity = json.dumps({"topic": topic, "ranges": sorted(applied.items()), "kind": kind})
     return hashlib.sha256(identity.encode()).hexdigest()[:24]
 
 
@@ -263,7 +265,7 @@ def _apply_locked(
         "WHERE b.topic = %s AND b.kafka_partition = t.p",
         (list(advance), [end for _, end in advance.values()], topic),
     )
-    identity = batch_id(topic, advance)
+    identity = batch_id(topic, advance, kind)
     cursor.execute(
         # clock_timestamp(), not NOW(): the moment the balances are about to commit,
         # not when the transaction began (the latency benchmark reads it).
@@ -344,16 +346,46 @@ def _insert_history_and_balances(
 # ---- reading -------------------------------------------------------------------------
 
 
+def _migrated(cursor: psycopg2.extensions.cursor) -> bool:
+    """A database no run has migrated yet holds nothing (the alerts and the sensor may
+    look before the first run)."""
+    cursor.execute("SELECT to_regclass('balance_batches') IS NOT NULL")
+    return cursor.fetchone()[0]
+
+
 def serving_marks(url: str, topic: str) -> dict[int, int]:
     """Next offset per Kafka partition whose billing_events rows are not yet applied."""
     with connect(url) as connection, connection.cursor() as cursor:
-        cursor.execute("SELECT to_regclass('balance_offsets')")
-        if cursor.fetchone()[0] is None:
+        if not _migrated(cursor):
             return {}
         cursor.execute(
             "SELECT kafka_partition, next_offset FROM balance_offsets WHERE topic = %s", (topic,)
         )
         return dict(cursor.fetchall())
+
+
+def recent_repairs(url: str, topic: str, since: datetime) -> list[dict[str, object]]:
+    """Ledger rows of repairs that applied events (Postgres had lost them) since `since`."""
+    with connect(url) as connection, connection.cursor() as cursor:
+        if not _migrated(cursor):
+            return []
+        cursor.execute(
+            "SELECT applied_at, offset_ranges, events_applied, amount_usd_total::text "
+            "FROM balance_batches WHERE kind = %s AND topic = %s AND events_applied > 0 "
+            "AND applied_at >= %s ORDER BY applied_at",
+            (REPAIR, topic, since),
+        )
+        return [
+            {
+                "applied_at": at.isoformat(),
+                "offset_ranges": " ".join(
+                    f"{r['partition']}:{r['start']}-{r['end']}" for r in ranges
+                ),
+                "events_applied": events,
+                "amount_usd": total,
+            }
+            for at, ranges, events, total in cursor.fetchall()
+        ]
 
 
 def read_balances(url: str) -> pl.DataFrame:

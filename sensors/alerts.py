@@ -3,19 +3,23 @@ to the notifiers when one starts firing or resolves (not on every tick)."""
 
 import time
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 
-from assets.ingest import BILLING_EVENTS
+from assets.ingest import BILLING_EVENTS, INGEST_JOB
+from assets.invariant_checks import INVARIANT_CHECKS
 from billing_dagster.alerts import (
     Alert,
     connector_alert,
     consumer_lag_alert,
     dump_state,
+    invariant_alert,
     load_state,
     notify_all,
     probe_connector,
     reconciliation_alert,
+    serving_behind_alert,
     transitions,
     validation_failure_rate_alert,
 )
@@ -23,11 +27,21 @@ from billing_dagster.contract import RAW_TABLE
 from billing_dagster.delta_lake import committed_offsets
 from billing_dagster.kafka_io import KafkaUnavailableError
 from billing_dagster.offsets import consumer_lag
+from billing_dagster.postgres_db import ServingUnavailableError
+from billing_dagster.projection import decided_marks, processed_offsets, serving_gaps
 from billing_dagster.reconciliation import latest_reconciliation
-from resources import DeltaLakeResource, KafkaResource, RevenueAnalyticsResource
+from billing_dagster.serving import recent_repairs, serving_marks
+from resources import (
+    DeltaLakeResource,
+    KafkaResource,
+    PostgresServingResource,
+    RevenueAnalyticsResource,
+)
 from resources.alerting import AlertingResource
 
 VALIDATION_WINDOW_MINUTES = 5
+#: A repair from billing_events keeps "Balances Behind Lake" firing this long.
+REPAIR_WINDOW_MINUTES = 15
 
 
 def recent_validation_counts(instance: dg.DagsterInstance, minutes: int) -> tuple[int, int]:
@@ -52,13 +66,24 @@ def evaluate_alerts(
     lake: DeltaLakeResource,
     alerting: AlertingResource,
     analytics: RevenueAnalyticsResource,
+    postgres: PostgresServingResource,
 ) -> list[Alert]:
     alerts = []
+    topic, location = kafka.topic, lake.location()
+    try:
+        serving: dict[int, int] | None = serving_marks(postgres.url, topic)
+        serving_error = None
+    except ServingUnavailableError as exc:
+        serving, serving_error = None, str(exc)
+    partitions: list[int] = []
     try:
         with kafka.client() as client:
-            marks = client.watermarks(kafka.topic)
-        committed = committed_offsets(lake.location().open(RAW_TABLE), kafka.topic, list(marks))
-        alerts.append(consumer_lag_alert(consumer_lag(marks, committed), alerting.lag_threshold))
+            marks = client.watermarks(topic)
+        partitions = sorted(marks)
+        committed = committed_offsets(location.open(RAW_TABLE), topic, partitions)
+        # Processed means in the lake and in Postgres.
+        processed = processed_offsets(committed, serving)
+        alerts.append(consumer_lag_alert(consumer_lag(marks, processed), alerting.lag_threshold))
     except KafkaUnavailableError as exc:
         # Lag unknown is not lag zero: report it, do not silently clear a firing alert.
         alerts.append(
@@ -68,6 +93,8 @@ def evaluate_alerts(
                 summary=f"consumer lag unknown: {exc}",
             )
         )
+    alerts.append(_serving_behind(instance, postgres, location, topic, partitions, serving_error))
+    alerts.append(invariant_alert(_failed_invariants(instance)))
     read, quarantined = recent_validation_counts(instance, VALIDATION_WINDOW_MINUTES)
     alerts.append(
         validation_failure_rate_alert(
@@ -88,6 +115,57 @@ def evaluate_alerts(
     return alerts
 
 
+def _serving_behind(
+    instance: dg.DagsterInstance,
+    postgres: PostgresServingResource,
+    lake,
+    topic: str,
+    partitions: list[int],
+    error: str | None,
+) -> Alert:
+    if error:
+        return serving_behind_alert(
+            None, [], topic=topic, window_minutes=REPAIR_WINDOW_MINUTES, error=error
+        )
+    since = datetime.now(UTC) - timedelta(minutes=REPAIR_WINDOW_MINUTES)
+    try:
+        repairs = recent_repairs(postgres.url, topic, since)
+        # Between batches only: during one, Postgres trails billing_events by design.
+        gaps = (
+            None
+            if _ingest_in_flight(instance) or not partitions
+            else serving_gaps(postgres.url, topic, decided_marks(lake, topic, partitions))
+        )
+    except ServingUnavailableError as exc:
+        return serving_behind_alert(
+            None, [], topic=topic, window_minutes=REPAIR_WINDOW_MINUTES, error=str(exc)
+        )
+    return serving_behind_alert(gaps, repairs, topic=topic, window_minutes=REPAIR_WINDOW_MINUTES)
+
+
+def _ingest_in_flight(instance: dg.DagsterInstance) -> bool:
+    from sensors.kafka_offsets import WAITING_OR_RUNNING
+
+    return bool(
+        instance.get_run_ids(
+            dg.RunsFilter(job_name=INGEST_JOB, statuses=WAITING_OR_RUNNING), limit=1
+        )
+    )
+
+
+def _failed_invariants(instance: dg.DagsterInstance) -> dict[str, str]:
+    """The serving invariants whose latest check evaluation failed, with its summary."""
+    latest = instance.event_log_storage.get_latest_asset_check_execution_by_key(
+        list(INVARIANT_CHECKS)
+    )
+    failed = {}
+    for key, record in latest.items():
+        evaluation = record.event.dagster_event.event_specific_data if record.event else None
+        if evaluation is not None and getattr(evaluation, "passed", True) is False:
+            failed[key.name] = evaluation.description or "failed"
+    return failed
+
+
 def build_alerts_sensor(interval_s: int) -> dg.SensorDefinition:
     @dg.sensor(
         name="billing_alerts_sensor",
@@ -106,8 +184,9 @@ def build_alerts_sensor(interval_s: int) -> dg.SensorDefinition:
         lake: DeltaLakeResource,
         alerting: AlertingResource,
         analytics: RevenueAnalyticsResource,
+        postgres: PostgresServingResource,
     ) -> dg.SkipReason:
-        alerts = evaluate_alerts(context.instance, kafka, lake, alerting, analytics)
+        alerts = evaluate_alerts(context.instance, kafka, lake, alerting, analytics, postgres)
         previous = load_state(context.cursor)
         changed = transitions(previous, alerts)
         for error in notify_all(alerting.notifiers(context.log), changed):

@@ -120,3 +120,74 @@ def test_reconciliation_mismatch_alert(pipeline: Pipeline, endpoint: Endpoint):
         reconcile(pipeline, instance)
         assert "Revenue Reconciliation Mismatch" in sensor.tick()
         assert notifications(endpoint).get("reconciliation_mismatch") == "firing"
+
+
+def _lose_last_batch(url: str, topic: str) -> None:
+    """What a restore from backup, a failover to a lagging replica or a commit lost to a
+    crash leave behind: the last batch's history, balance changes and marks gone."""
+    import psycopg2
+
+    with psycopg2.connect(url) as connection, connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT offset_ranges FROM balance_batches WHERE topic = %s AND events_applied > 0 "
+            "ORDER BY applied_at DESC LIMIT 1",
+            (topic,),
+        )
+        (ranges,) = cursor.fetchone()
+        for r in ranges:
+            cursor.execute(
+                "WITH gone AS (DELETE FROM transaction_history WHERE kafka_topic = %s "
+                "AND kafka_partition = %s AND kafka_offset >= %s AND kafka_offset < %s "
+                "RETURNING customer_id, amount_usd) "
+                "UPDATE customer_balances AS b SET current_balance = b.current_balance - g.total "
+                "FROM (SELECT customer_id, sum(amount_usd) AS total FROM gone GROUP BY 1) AS g "
+                "WHERE b.customer_id = g.customer_id",
+                (topic, r["partition"], r["start"], r["end"]),
+            )
+            cursor.execute(
+                "UPDATE balance_offsets SET next_offset = %s "
+                "WHERE topic = %s AND kafka_partition = %s",
+                (r["start"], topic, r["partition"]),
+            )
+
+
+def test_balances_behind_lake_and_broken_invariants_alert(
+    alerting_pipeline: Pipeline, endpoint: Endpoint
+):
+    import psycopg2
+
+    pipeline = alerting_pipeline
+    url, topic = pipeline.settings.postgres_url, pipeline.settings.topic
+    invariants = pipeline.defs.resolve_job_def("check_serving_invariants")
+    with dg.instance_for_test() as instance:
+        sensor = AlertsSensor(pipeline, instance)
+        stream = SyntheticBillingStream(seed=5, invalid_rate=0.0, duplicate_rate=0.0)
+        pipeline.produce(list(stream.records(300)))
+        run_ingest(pipeline, instance)
+        assert invariants.execute_in_process(instance=instance).success
+        assert sensor.tick() == "all alerts quiet"
+        notifications(endpoint)
+
+        # Postgres loses the last batch: the alert names the offsets it is missing.
+        _lose_last_batch(url, topic)
+        assert "Balances Behind Lake" in sensor.tick()
+        (post,) = [body for _, body, _ in endpoint.posts if body["alert"] == "serving_behind_lake"]
+        assert post["status"] == "firing" and "behind the lake" in post["summary"]
+        notifications(endpoint)
+        # The next sensor tick repairs it from billing_events; the alert stays up for the
+        # repair window, now naming the re-applied range, then the invariants hold.
+        run_ingest(pipeline, instance)
+        assert "Balances Behind Lake" in sensor.tick()
+        assert invariants.execute_in_process(instance=instance).success
+
+        # A balance edited behind the pipeline's back breaks an invariant: it alerts.
+        with psycopg2.connect(url) as connection, connection.cursor() as cursor:
+            cursor.execute(
+                "UPDATE customer_balances SET current_balance = current_balance + 0.01 "
+                "WHERE customer_id = (SELECT min(customer_id) FROM customer_balances)"
+            )
+        result = invariants.execute_in_process(instance=instance, raise_on_error=False)
+        failed = [e for e in result.get_asset_check_evaluations() if not e.passed]
+        assert [e.check_name for e in failed] == ["balances_equal_history"]
+        assert "Serving Invariant Broken" in sensor.tick()
+        assert notifications(endpoint)["serving_invariant_broken"] == "firing"
