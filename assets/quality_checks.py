@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 import dagster as dg
 
 from assets.ingest import BILLING_EVENTS, CUSTOMER_BALANCES
-from billing_dagster.ingest import batch_events
+from billing_dagster.ingest import checked_batch_rows
 from billing_dagster.offsets import ranges_from_text
 from billing_dagster.postgres_db import ServingUnavailableError
 from billing_dagster.quality import validate_frame
@@ -49,7 +49,7 @@ def build_quality_checks() -> list[dg.AssetChecksDefinition]:
     ) -> dg.AssetCheckResult:
         batch = batch_metadata(context)
         hours = [h for h in str(batch.get("event_hours", "")).split(", ") if h]
-        frame = batch_events(
+        frame = checked_batch_rows(
             lake.location(),
             str(batch.get("topic", "")),
             hours,

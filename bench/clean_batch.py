@@ -27,8 +27,9 @@ from billing_dagster.contract import (
     KAFKA_RECORD_SCHEMA,
 )
 from billing_dagster.decoding import ValueFormat, decode_records
+from billing_dagster.dedupe import accepted_before_in_lake
 from billing_dagster.delta_lake import LakeLocation, append_exactly_once
-from billing_dagster.ingest import accepted_before, first_payments
+from billing_dagster.ingest import first_payments
 from billing_dagster.rules import ValidationPolicy
 from billing_dagster.synthetic import SyntheticBillingStream
 
@@ -88,7 +89,7 @@ def main() -> None:
         decoded = decode_records(hist_frame, run_id="history", now=datetime.now(UTC))
         cleaned = clean_events(
             decoded.events,
-            accepted_before=accepted_before(lake, decoded.events),
+            accepted_before=accepted_before_in_lake(lake, decoded.events),
             first_payments=first_payments(lake, decoded.events),
             reference=reference,
             policy=policy,
@@ -136,7 +137,7 @@ def main() -> None:
                 "dedupe lookups in billing_events",
                 events.height,
                 lambda events=events: (
-                    accepted_before(lake, events),
+                    accepted_before_in_lake(lake, events),
                     first_payments(lake, events),
                 ),
             )

@@ -3,8 +3,8 @@
 Writes one event hour of billing_events the way steady-state ingest does: --batches
 micro-batches (each its own exactly-once append, so one file per batch) of --batch-size
 accepted events. Then times, before and after `compact_hours`:
-  - the dedupe lookup of a new batch (`accepted_before`),
-  - the quality check's read (`batch_events`),
+  - the dedupe lookup of a new batch (`accepted_before_in_lake`),
+  - the quality check's read (`checked_batch_rows`),
   - the aggregate refresh's read of the day (`events_of_days`).
 
     .venv/bin/python bench/compaction.py --batches 360 --batch-size 3000
@@ -26,8 +26,9 @@ from billing_dagster.cleaning import clean_events
 from billing_dagster.compaction import compact_hours
 from billing_dagster.contract import BILLING_EVENTS_TABLE, EVENT_HOUR_PARTITIONS
 from billing_dagster.decoding import decode_json_records
+from billing_dagster.dedupe import accepted_before_in_lake
 from billing_dagster.delta_lake import LakeLocation, append_exactly_once
-from billing_dagster.ingest import accepted_before, batch_events, first_payments
+from billing_dagster.ingest import checked_batch_rows, first_payments
 from billing_dagster.offsets import OffsetRange, hour_key, hour_start
 from billing_dagster.rules import ValidationPolicy
 from billing_dagster.synthetic import SyntheticBillingStream
@@ -61,7 +62,7 @@ def main() -> None:
     events = decode_json_records(frame, run_id="bench", now=now).events
     accepted = clean_events(
         events,
-        accepted_before=accepted_before(lake, events.head(0)),
+        accepted_before=accepted_before_in_lake(lake, events.head(0)),
         first_payments=first_payments(lake, events.head(0)),
         reference=reference,
         policy=ValidationPolicy(),
@@ -97,8 +98,8 @@ def main() -> None:
     def measure(label: str) -> None:
         table = lake.open(BILLING_EVENTS_TABLE)
         files = len(table.file_uris())
-        _, lookup = timed(lambda: accepted_before(lake, last))
-        _, check = timed(lambda: batch_events(lake, TOPIC, [hour_key(hour)], ranges))
+        _, lookup = timed(lambda: accepted_before_in_lake(lake, last))
+        _, check = timed(lambda: checked_batch_rows(lake, TOPIC, [hour_key(hour)], ranges))
         _, day = timed(lambda: events_of_days(lake, [hour.date()], table.version()))
         print(
             f"{label:<18} {files:>6,} files   dedupe lookup {lookup:6.2f} s   "

@@ -131,7 +131,7 @@ def _hour_keys_filter(hour_keys: Sequence[str]) -> pl.Expr:
 POSITION = ("kafka_topic", "kafka_partition", "kafka_offset")
 
 
-def batch_events(
+def checked_batch_rows(
     lake: LakeLocation, topic: str, hour_keys: Sequence[str], ranges: Sequence[OffsetRange]
 ) -> pl.DataFrame:
     """What the quality check judges: the billing_events rows of one batch (its offset
@@ -257,8 +257,11 @@ def ingest_offsets(
     )
     clock.lap("write_raw")
     step("raw")
-    # Only after the lake holds the batch: ordinary Kafka tools then show true lag.
-    client.commit(topic, processed_up_to)
+    # Only after the lake holds the batch: ordinary Kafka tools then show true lag. The
+    # lake's marks of ranges read earlier too: a retry after raw/ reads nothing.
+    client.commit(
+        topic, {**{p: m for p, m in committed.items() if m is not None}, **processed_up_to}
+    )
     clock.lap("kafka_commit")
     step("consumer_group")
 

@@ -1,9 +1,11 @@
 """Hand-made billing_events rows written straight to a Delta lake, for the aggregate tests
-that need exact control over event times and batches (no Kafka involved)."""
+that need exact control over event times and batches (no Kafka involved); and the
+independent expectations the serving tests compare Postgres with."""
 
 from __future__ import annotations
 
 import itertools
+from collections import defaultdict
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -15,6 +17,10 @@ from billing_dagster.contract import (
     EVENT_HOUR_PARTITIONS,
 )
 from billing_dagster.delta_lake import LakeLocation, append_exactly_once
+from billing_dagster.enrichment import ReferenceData, usd_amount_of
+from billing_dagster.postgres_db import connect
+from billing_dagster.serving import read_balances
+from billing_dagster.synthetic import GeneratedRecord
 
 USD_RATES = {"USD": Decimal("1"), "EUR": Decimal("1.10000000"), "GBP": Decimal("1.25000000")}
 _offsets = itertools.count()
@@ -70,3 +76,53 @@ def write_events(lake: LakeLocation, rows: list[dict[str, object]]) -> None:
         processed_up_to={0: int(frame["kafka_offset"].max()) + 1},
         partition_by=EVENT_HOUR_PARTITIONS,
     )
+
+
+# ---- independent expectations for the serving layer ----------------------------------
+
+
+def expected_balances(
+    records: list[GeneratedRecord], reference: ReferenceData
+) -> dict[int, Decimal]:
+    """Balances computed independently of the pipeline: each event_id of a valid record
+    once, converted to USD with Decimal at the rate of its created_at's day."""
+    rates = {
+        (r["rate_date"], r["currency"]): r["usd_rate"]
+        for r in reference.fx_rates.iter_rows(named=True)
+    }
+    events = {r.event.event_id: r.event for r in records if r.event is not None}
+    totals: dict[int, Decimal] = defaultdict(lambda: Decimal("0.00"))
+    for event in events.values():
+        rate = (
+            Decimal(1)
+            if event.currency == "USD"
+            else rates[(event.created_at.date(), event.currency)]
+        )
+        totals[event.customer_id] += usd_amount_of(event.amount, rate)
+    return dict(totals)
+
+
+def balances(url: str) -> dict[int, Decimal]:
+    """customer_id -> current_balance, exact."""
+    return dict(read_balances(url).select("customer_id", "current_balance").iter_rows())
+
+
+def balances_not_matching_history(url: str) -> list[tuple]:
+    """Customers whose balance is not the sum of their transaction_history rows (either
+    side missing counts as a mismatch): empty when the serving layer is consistent."""
+    with connect(url) as connection, connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT customer_id, b.current_balance, h.total FROM customer_balances AS b "
+            "FULL JOIN (SELECT customer_id, sum(amount_usd) AS total "
+            "           FROM transaction_history GROUP BY customer_id) AS h "
+            "USING (customer_id) WHERE b.current_balance IS DISTINCT FROM h.total"
+        )
+        return cursor.fetchall()
+
+
+def history_counts(url: str) -> tuple[int, int]:
+    """(rows, distinct event_ids) of transaction_history."""
+    with connect(url) as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT count(*), count(DISTINCT event_id) FROM transaction_history")
+        rows, distinct = cursor.fetchone()
+        return rows, distinct

@@ -10,6 +10,7 @@ not the setting).
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import signal
@@ -27,7 +28,7 @@ from deltalake.exceptions import CommitFailedError
 from billing_dagster.contract import BILLING_EVENTS_TABLE, QUARANTINE_TABLE, RAW_TABLE
 from billing_dagster.definitions import build_resources
 from billing_dagster.delta_lake import read_table
-from billing_dagster.enrichment import ReferenceData, usd_amount_of
+from billing_dagster.enrichment import ReferenceData, usd_amount_of, write_reference_data
 from billing_dagster.ingest import COMMIT_STEPS, ingest_offsets
 from billing_dagster.local_infra.kafka import ApacheKafka
 from billing_dagster.local_infra.postgres import LocalPostgres
@@ -358,3 +359,62 @@ def _drain(pipeline: Pipeline, instance: dg.DagsterInstance, cursor: str | None)
         for request in requests:
             assert materialize(pipeline, request, instance).success
     return cursor
+
+
+def _without_rates(reference: ReferenceData) -> ReferenceData:
+    return ReferenceData.of(
+        reference.customers,
+        reference.subscriptions,
+        reference.fx_rates.filter(pl.col("currency") == "USD"),
+    )
+
+
+@pytest.mark.parametrize("first", ["rates present", "rates missing"])
+def test_a_retry_keeps_the_decision_billing_events_committed(crash_pipeline: Pipeline, first: str):
+    """Reference data changes between a killed attempt and its retry (a `reference load`
+    in between): the retry keeps what billing_events committed, so no event ends in the
+    balances but in neither table, or in both."""
+    full = _stream(seed=65).reference_data()
+    before, after = (full, _without_rates(full))
+    if first == "rates missing":
+        before, after = after, before
+    write_reference_data(crash_pipeline.lake, before)
+    records = list(_stream(seed=65).records(500))
+    ranges = _produce(crash_pipeline, records)
+    env = crash_pipeline.env
+    assert _in_child(_run_batch, env, ranges, "billing_events") == -signal.SIGKILL
+    write_reference_data(crash_pipeline.lake, after)
+    _ingest(env, ranges)
+
+    lake, url = crash_pipeline.lake, crash_pipeline.settings.postgres_url
+    events = read_table(lake, BILLING_EVENTS_TABLE)
+    quarantine = read_table(lake, QUARANTINE_TABLE)
+    raw = read_table(lake, RAW_TABLE)
+    foreign = {
+        r.event.event_id
+        for r in records
+        if r.kind == "valid" and r.event and r.event.currency != "USD"
+    }
+    assert foreign, "the stream should hold non-USD events"
+    accepted = set(events["event_id"])
+    if first == "rates present":
+        assert foreign <= accepted  # decided with rates: stays accepted without them
+    else:
+        assert not foreign & accepted  # decided without: never accepted by the retry
+        rejected = quarantine.filter(pl.col("rules").list.first() == "decision:rejected_earlier")
+        # The non-USD events, and what failed with them the first time (a refund whose
+        # original payment was one of them), all rejected now with the earlier decision.
+        assert foreign <= {json.loads(v)["event_id"] for v in rejected["raw_value"]}
+    # Every offset once, in exactly one of accepted / duplicate / quarantined.
+    positions = ["kafka_partition", "kafka_offset"]
+    both = events.select(positions).join(quarantine.select(positions), on=positions)
+    assert both.is_empty()
+    assert raw.select(positions).is_duplicated().sum() == 0
+    duplicates = sum(r.kind == "duplicate" for r in records)
+    assert events.height + quarantine.height + duplicates == len(records)
+    # Postgres holds exactly billing_events, whatever the rules say now.
+    assert _history(url).height == events.height
+    per_customer = events.group_by("customer_id").agg(pl.col("amount_usd").sum())
+    assert {c: t for c, t in per_customer.iter_rows() if t} == {
+        c: b for c, b in _balances(url).items() if b
+    }

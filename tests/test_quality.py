@@ -14,7 +14,7 @@ import pytest
 from billing_dagster.aggregates import customer_metrics, daily_revenue, hourly_revenue
 from billing_dagster.contract import BILLING_EVENTS_SCHEMA
 from billing_dagster.delta_lake import LakeLocation
-from billing_dagster.ingest import batch_events
+from billing_dagster.ingest import checked_batch_rows
 from billing_dagster.offsets import OffsetRange
 from billing_dagster.quality import (
     QualitySuiteError,
@@ -199,7 +199,7 @@ def test_money_bounds_are_exact_decimals():
 
 
 def test_the_billing_events_check_judges_its_batch_and_repeats_in_its_hours(tmp_path: Path):
-    """batch_events: a batch's own rows, plus rows of its hours that repeat an event_id or a
+    """checked_batch_rows: a batch's own rows, plus rows of its hours that repeat an event_id or a
     Kafka position; the rest of the hours (earlier batches) are left out."""
     lake = LakeLocation(str(tmp_path))
     earlier = [event(HOUR + timedelta(minutes=m), "1.00") for m in range(5)]
@@ -215,7 +215,7 @@ def test_the_billing_events_check_judges_its_batch_and_repeats_in_its_hours(tmp_
     offsets = [r["kafka_offset"] for r in batch]
     ranges = [OffsetRange(0, min(offsets), max(offsets) + 1)]
 
-    frame = batch_events(lake, "billing-events", [HOUR.strftime("%Y-%m-%d-%H:00")], ranges)
+    frame = checked_batch_rows(lake, "billing-events", [HOUR.strftime("%Y-%m-%d-%H:00")], ranges)
 
     assert frame["kafka_offset"].to_list()[:2] == offsets
     assert sorted(frame["event_id"].to_list()[2:]) == sorted(
@@ -226,8 +226,10 @@ def test_the_billing_events_check_judges_its_batch_and_repeats_in_its_hours(tmp_
     assert failure.type == "expect_column_values_to_be_unique"
     assert failure.unexpected_count == 4
     # Another hour, or offsets outside the batch, are not read as the batch.
-    assert batch_events(lake, "billing-events", ["2024-12-15-15:00"], ranges).is_empty()
-    only_repeats = batch_events(lake, "other-topic", [HOUR.strftime("%Y-%m-%d-%H:00")], ranges)
+    assert checked_batch_rows(lake, "billing-events", ["2024-12-15-15:00"], ranges).is_empty()
+    only_repeats = checked_batch_rows(
+        lake, "other-topic", [HOUR.strftime("%Y-%m-%d-%H:00")], ranges
+    )
     assert only_repeats.height == 4
 
 

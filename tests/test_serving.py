@@ -8,7 +8,6 @@ import multiprocessing
 import threading
 import time
 import uuid
-from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -17,46 +16,30 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 import psycopg2
+import pytest
 
 from billing_dagster.contract import BILLING_EVENTS_TABLE, RAW_TABLE
 from billing_dagster.delta_lake import read_table
-from billing_dagster.enrichment import ReferenceData, usd_amount_of
 from billing_dagster.kafka_io import KafkaClient
+from billing_dagster.postgres_db import migrate, migration_files
+from billing_dagster.projection import catch_up, committed_events, decided_marks
 from billing_dagster.serving import (
+    ServingGapError,
     apply_batch,
-    migrate,
-    migration_files,
     read_balances,
+    serving_marks,
 )
-from billing_dagster.synthetic import GeneratedRecord, SyntheticBillingStream
+from billing_dagster.synthetic import SyntheticBillingStream
 from resources import KafkaResource
 
 from .conftest import Pipeline, pipeline_env
-from .test_ingest_kafka import evaluate_sensor, materialization, materialize
-
-
-def expected_balances(
-    records: list[GeneratedRecord], reference: ReferenceData
-) -> dict[int, Decimal]:
-    """Balances computed independently: each valid event once, converted with Decimal."""
-    rates = {
-        (r["rate_date"], r["currency"]): r["usd_rate"]
-        for r in reference.fx_rates.iter_rows(named=True)
-    }
-    events = {r.event.event_id: r.event for r in records if r.event is not None}
-    totals: dict[int, Decimal] = defaultdict(lambda: Decimal("0.00"))
-    for event in events.values():
-        rate = (
-            Decimal(1)
-            if event.currency == "USD"
-            else rates[(event.created_at.date(), event.currency)]
-        )
-        totals[event.customer_id] += usd_amount_of(event.amount, rate)
-    return dict(totals)
-
-
-def balances(url: str) -> dict[int, Decimal]:
-    return dict(read_balances(url).select("customer_id", "current_balance").iter_rows())
+from .lake_rows import (
+    balances,
+    balances_not_matching_history,
+    expected_balances,
+    history_counts,
+)
+from .test_ingest_kafka import evaluate_sensor, materialization, materialize, request_ranges
 
 
 def test_migrations_are_ordered_and_rerunning_them_is_harmless(serving_url: str):
@@ -72,7 +55,9 @@ def test_migrations_are_ordered_and_rerunning_them_is_harmless(serving_url: str)
         assert [r[0] for r in cursor.fetchall()] == names
 
 
-def test_balances_match_an_independent_sum_after_duplicates_and_replays(pipeline: Pipeline):
+def test_balances_match_an_independent_sum_after_duplicates_and_replays(
+    pipeline: Pipeline, tmp_path: Path
+):
     instance = dg.DagsterInstance.ephemeral()
     stream = SyntheticBillingStream(seed=41, duplicate_rate=0.05, invalid_rate=0.01)
     first = list(stream.records(3_000))
@@ -85,35 +70,98 @@ def test_balances_match_an_independent_sum_after_duplicates_and_replays(pipeline
     later, _, _ = evaluate_sensor(pipeline, instance, cursor)
     for request in later:
         assert materialize(pipeline, request, instance).success
-    url = pipeline.settings.postgres_url
+    url, topic = pipeline.settings.postgres_url, pipeline.settings.topic
+    batches = requests + later
+    accepted = read_table(pipeline.lake, BILLING_EVENTS_TABLE)
+    expected = expected_balances(first + second, SyntheticBillingStream().reference_data())
+    assert balances(url) == expected
     after_once = read_balances(url)
+    marks_once = serving_marks(url, topic)
 
-    # Replays of every range, from the UI and from the sensor's requests: nothing changes.
-    for request in requests + later:
+    # 1. The same runs again (a UI re-execution): the lake has every offset; nothing changes.
+    for request in batches:
         result = materialize(pipeline, request, instance)
         assert result.success
         assert materialization(result, "customer_balances").metadata["events_applied"].value == 0
-    assert read_balances(url).equals(after_once)
 
-    reference = SyntheticBillingStream().reference_data()
-    assert balances(url) == expected_balances(first + second, reference)
-    # The balances are also exactly the lake's accepted events, summed.
-    lake = (
-        read_table(pipeline.lake, BILLING_EVENTS_TABLE)
-        .group_by("customer_id")
-        .agg(pl.col("amount_usd").sum())
-    )
-    assert balances(url) == dict(lake.iter_rows())
-    # History holds each accepted event once.
+    # 2. The committed billing_events rows of every applied range, handed to apply_batch
+    # again: balance_offsets is at or past each range's end, so every row is skipped.
+    replayed_rows = 0
+    for request in batches:
+        ranges = request_ranges(request)
+        rows = committed_events(pipeline.lake, topic, ranges)
+        replay = apply_batch(url, rows, topic=topic, ranges=ranges, run_id="replay")
+        assert (replay.events_applied, replay.history_inserted, replay.batch_id) == (0, 0, None)
+        assert replay.events_already_applied == rows.height
+        replayed_rows += rows.height
+    assert replayed_rows == accepted.height  # the ranges cover every accepted row
+    # All of it as one batch from offset 0 (a replay overlapping several applied batches).
+    everything = {p: (0, end) for p, end in marks_once.items()}
+    rows = committed_events(pipeline.lake, topic, everything)
+    assert rows.height == accepted.height
+    replay = apply_batch(url, rows, topic=topic, ranges=everything, run_id="replay-all")
+    assert (replay.events_applied, replay.events_already_applied) == (0, accepted.height)
+
+    # 3. The marks lost while history kept its rows: the catch-up re-applies every
+    # billing_events row from offset 0, and history's keys stop each one from counting again.
     with psycopg2.connect(url) as connection, connection.cursor() as cur:
-        cur.execute("SELECT count(*), count(DISTINCT event_id) FROM transaction_history")
-        accepted = read_table(pipeline.lake, BILLING_EVENTS_TABLE).height
-        assert cur.fetchone() == (accepted, accepted)
-        cur.execute("SELECT count(*) FROM balance_batches")
-        assert cur.fetchone()[0] == len(requests) + len(later)
+        cur.execute("UPDATE balance_offsets SET next_offset = 0 WHERE topic = %s", (topic,))
+    connection.close()
+    repair = catch_up(
+        url,
+        pipeline.lake,
+        topic,
+        decided_marks(pipeline.lake, topic, sorted(marks_once)),
+        run_id="repair",
+    )
+    assert repair.applied == {p: (0, end) for p, end in marks_once.items() if end > 0}
+    assert repair.events_applied == 0 and Decimal(repair.amount_usd_applied) == 0
+    assert serving_marks(url, topic) == marks_once
+
+    # 4. A rebuilt lake replaying every range from Kafka into the same serving database:
+    # each record is read and decided again, and apply_batch finds its offsets applied.
+    rebuilt = Pipeline({**pipeline.env, "BILLING_LAKE_ROOT": str(tmp_path / "rebuilt-lake")})
+    read_again = 0
+    for request in batches:
+        result = materialize(rebuilt, request, instance)
+        assert result.success
+        read_again += materialization(result, "raw_billing_events").metadata["records_read"].value
+        serving = materialization(result, "customer_balances").metadata
+        decided = materialization(result, "billing_events").metadata["accepted"].value
+        assert serving["events_applied"].value == 0
+        assert serving["events_already_applied"].value == decided
+    assert read_again == len(first) + len(second)
+    position = ["event_id", "kafka_partition", "kafka_offset"]
+    assert (
+        read_table(rebuilt.lake, BILLING_EVENTS_TABLE)
+        .select(position)
+        .sort(position)
+        .equals(accepted.select(position).sort(position))
+    )
+
+    # Through all of that: the balances are exactly what they were after the first pass,
+    # versions and timestamps included, and equal the independent sum to the cent.
+    assert read_balances(url).equals(after_once)
+    assert balances(url) == expected
+    # The balances are also exactly the lake's accepted events, summed.
+    lake = accepted.group_by("customer_id").agg(pl.col("amount_usd").sum())
+    assert balances(url) == dict(lake.iter_rows())
+    assert balances_not_matching_history(url) == []
+    # History holds each accepted event once.
+    assert history_counts(url) == (accepted.height, accepted.height)
+    with psycopg2.connect(url) as connection, connection.cursor() as cur:
+        cur.execute(
+            "SELECT kind, count(*), sum(events_applied) FROM balance_batches "
+            "GROUP BY kind ORDER BY kind"
+        )
+        assert cur.fetchall() == [("batch", len(batches), accepted.height), ("repair", 1, 0)]
+    connection.close()
 
 
-def accepted_frame(customers: list[int], amount: str, partition: int, count: int) -> pl.DataFrame:
+def accepted_frame(
+    customers: list[int], amount: str, partition: int, count: int, topic: str = "t"
+) -> pl.DataFrame:
+    """billing_events-like rows at offsets 0..count-1 of one partition of `topic`."""
     now = datetime.now(UTC)
 
     return pl.DataFrame(
@@ -125,6 +173,7 @@ def accepted_frame(customers: list[int], amount: str, partition: int, count: int
             "currency": ["USD"] * count,
             "amount_usd": [Decimal(amount)] * count,
             "created_at": [now] * count,
+            "kafka_topic": [topic] * count,
             "kafka_partition": [partition] * count,
             "kafka_offset": list(range(count)),
         },
@@ -145,7 +194,7 @@ def test_concurrent_batches_on_the_same_customers_lose_no_update(serving_url: st
 
     def apply(frame: pl.DataFrame, partition: int) -> None:
         try:
-            apply_batch(serving_url, frame, topic="t", processed_up_to={partition: 400}, run_id="r")
+            apply_batch(serving_url, frame, topic="t", ranges={partition: (0, 400)}, run_id="r")
         except BaseException as exc:
             errors.append(exc)
 
@@ -165,6 +214,8 @@ def test_concurrent_batches_on_the_same_customers_lose_no_update(serving_url: st
     # 8 batches x 400 events x 1.25 over 20 customers: 200.00 each, never more, never less.
     assert frame["current_balance"].to_list() == [Decimal("200.00")] * 20
     assert frame["version"].to_list() == [8] * 20
+    assert serving_marks(serving_url, "t") == dict.fromkeys(range(8), 400)
+    assert balances_not_matching_history(serving_url) == []
 
 
 def test_two_topics_feeding_the_same_customers_in_concurrent_runs(
@@ -314,8 +365,10 @@ def test_postgres_crash_inside_the_balance_transaction_rolls_back_and_the_retry_
             while time.monotonic() < deadline:
                 with watch.cursor() as cursor:
                     cursor.execute(
+                        # The balance upsert is one CTE with the history insert.
                         "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                        "AND query LIKE 'INSERT INTO customer_balances%%'"
+                        "AND query LIKE '%%INSERT INTO customer_balances%%' "
+                        "AND pid <> pg_backend_pid()"
                     )
                     waiting = cursor.fetchone()[0]
                 if waiting:
@@ -395,7 +448,7 @@ def test_history_partitions_are_created_for_each_month_before_rows_arrive(servin
             dtype=pl.Datetime("us", "UTC"),
         )
     )
-    result = apply_batch(serving_url, frame, topic="t", processed_up_to={0: 4}, run_id="r")
+    result = apply_batch(serving_url, frame, topic="t", ranges={0: (0, 4)}, run_id="r")
     assert sorted(result.partitions_created) == [
         "transaction_history_202610",
         "transaction_history_202611",
@@ -413,10 +466,43 @@ def test_history_partitions_are_created_for_each_month_before_rows_arrive(servin
             ("transaction_history_202612", 1),
             ("transaction_history_202701", 1),
         ]
-    # The same events under another source (another topic's offsets) are still inserted
-    # once: history is idempotent on transaction_id.
-    again = apply_batch(serving_url, frame, topic="other", processed_up_to={0: 4}, run_id="r2")
-    assert again.history_inserted == 0 and again.partitions_created == ()
+    assert balances(serving_url) == {7: Decimal("12.00")}
+
+    # The same events under another source (another topic's offsets): history already
+    # holds them, inserts nothing, and the balance must not move (it used to double).
+    other = frame.with_columns(kafka_topic=pl.lit("other"))
+    again = apply_batch(serving_url, other, topic="other", ranges={0: (0, 4)}, run_id="r2")
+    assert (again.history_inserted, again.events_applied, again.customers_updated) == (0, 0, 0)
+    assert again.partitions_created == () and Decimal(again.amount_usd_applied) == 0
+    assert again.applied == {0: (0, 4)}  # the offsets are applied all the same
+    assert serving_marks(serving_url, "other") == {0: 4}
+    assert read_balances(serving_url).select(
+        "customer_id", "current_balance", "version"
+    ).rows() == [(7, Decimal("12.00"), 1)]
+    assert balances_not_matching_history(serving_url) == []
+
+    # A batch mixing one of those events with a new one adds exactly the new one's amount.
+    mixed = pl.concat(
+        [
+            other.slice(0, 1).with_columns(kafka_offset=pl.lit(4, pl.Int64)),
+            accepted_frame([7], "3.00", 0, 1, topic="other").with_columns(
+                created_at=pl.lit(datetime(2026, 12, 20, tzinfo=UTC), pl.Datetime("us", "UTC")),
+                kafka_offset=pl.lit(5, pl.Int64),
+            ),
+        ]
+    )
+    third = apply_batch(serving_url, mixed, topic="other", ranges={0: (4, 6)}, run_id="r3")
+    assert (third.history_inserted, third.events_applied) == (1, 1)
+    assert third.events_already_applied == 1 and Decimal(third.amount_usd_applied) == 3
+    assert balances(serving_url) == {7: Decimal("15.00")}
+    assert balances_not_matching_history(serving_url) == []
+    assert history_counts(serving_url) == (5, 5)
+
+    # A batch that would leave offsets 6-7 unapplied is refused, and changes nothing.
+    with pytest.raises(ServingGapError, match="other are behind this batch: offsets 0:6-8"):
+        apply_batch(serving_url, mixed, topic="other", ranges={0: (8, 9)}, run_id="r4")
+    assert serving_marks(serving_url, "other") == {0: 6}
+    assert balances(serving_url) == {7: Decimal("15.00")}
 
 
 def test_migrate_command_applies_once_and_names_an_unreachable_database(serving_url: str):
@@ -426,7 +512,9 @@ def test_migrate_command_applies_once_and_names_an_unreachable_database(serving_
 
     first = run_cli("migrate", BILLING_POSTGRES_URL=serving_url)
     assert first.returncode == 0, first.stderr
-    assert first.stdout.strip() == "applied 0001_serving_tables.sql"
+    names = ", ".join(p.name for p in migration_files())
+    assert names.startswith("0001_serving_tables.sql, 0002_history_positions_and_repairs.sql")
+    assert first.stdout.strip() == f"applied {names}"
     again = run_cli("migrate", BILLING_POSTGRES_URL=serving_url)
     assert again.stdout.strip() == "nothing to apply: schema is current"
 
