@@ -466,20 +466,41 @@ def aggregate() -> None:
 )
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def reconcile(day, as_json: bool) -> None:
-    """Reconcile one day's real-time revenue against the raw lake; exit 1 on a mismatch.
-    Results replace the day's rows in reconciliation/daily and reconciliation/discrepancies."""
+    """Reconcile one day's real-time revenue against the raw lake, and check Postgres
+    against the lake (balances = history, the day's history = billing_events, marks);
+    exit 1 on a mismatch or a broken invariant. Results replace the day's rows in
+    reconciliation/daily and reconciliation/discrepancies."""
     import json
 
     from billing_dagster.enrichment import load_reference_data
+    from billing_dagster.invariants import check_all
     from billing_dagster.reconciliation import reconcile_day, write_reconciliation
 
+    settings = load_settings()
     lake = _lake()
     result = reconcile_day(
         lake, day, load_reference_data(lake), tolerance_pct=_analytics().tolerance_pct()
     )
     write_reconciliation(lake, result)
+    with _kafka_client(settings) as client:
+        partitions = sorted(client.end_offsets(settings.topic))
+    invariants = check_all(settings.postgres_url, lake, settings.topic, partitions, [day])
+    broken = [i for i in invariants if not i.ok]
     if as_json:
-        click.echo(json.dumps({"date": day.isoformat(), **result.metadata()}, indent=2))
+        click.echo(
+            json.dumps(
+                {
+                    "date": day.isoformat(),
+                    **result.metadata(),
+                    "invariants": [
+                        {"name": i.name, "ok": i.ok, "summary": i.summary, "offending": i.details}
+                        for i in invariants
+                    ],
+                },
+                indent=2,
+                default=str,
+            )
+        )
     else:
         for row in result.summary.iter_rows(named=True):
             pct = row["discrepancy_pct"]
@@ -494,7 +515,11 @@ def reconcile(day, as_json: bool) -> None:
             f"{day}: {result.status}"
             + (f"; differing events: {', '.join(events)}" if events else "")
         )
-    if result.status == "mismatch":
+        for invariant in invariants:
+            click.echo(
+                f"{'ok' if invariant.ok else 'BROKEN':<6} {invariant.name}: {invariant.summary}"
+            )
+    if result.status == "mismatch" or broken:
         sys.exit(1)
 
 

@@ -189,6 +189,12 @@ def test_a_day_reconciles_exactly_then_injected_faults_are_named(
     payload = json.loads(out.stdout)
     assert payload["status"] == "mismatch"
     assert set(payload["differing_events"]) == {lost["event_id"], altered["event_id"]}
+    # The lake lost a row Postgres holds: the day's history no longer equals billing_events.
+    invariants = {i["name"]: i for i in payload["invariants"]}
+    assert not invariants["history_matches_billing_events"]["ok"]
+    (day_row,) = invariants["history_matches_billing_events"]["offending"]
+    assert day_row["history_count"] == day_row["lake_count"] + 1
+    assert invariants["balances_equal_history"]["ok"]
 
 
 def test_monthly_report_and_cli(pipeline: Pipeline, instance: dg.DagsterInstance):
@@ -196,6 +202,11 @@ def test_monthly_report_and_cli(pipeline: Pipeline, instance: dg.DagsterInstance
     pipeline.produce(records)
     run_ingest(pipeline, instance)
     assert reconcile(pipeline, instance).success
+
+    # A clean day: reconciled, and Postgres agrees with the lake on every invariant.
+    clean = run_cli("reconcile", "--date", DAY.isoformat(), "--json", **pipeline.env)
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    assert all(i["ok"] for i in json.loads(clean.stdout)["invariants"])
 
     month = DAY.strftime("%Y-%m")
     out = run_cli("report", "--month", month, "--json", **pipeline.env)
