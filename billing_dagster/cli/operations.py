@@ -1,0 +1,149 @@
+"""Commands on the pipeline's state: where it stands (`status`) and the serving schema
+(`migrate`). The domain logic lives in billing_dagster.operations."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import click
+
+from billing_dagster.cli._common import kafka_client, lake_location
+from billing_dagster.postgres_db import ServingUnavailableError
+from billing_dagster.settings import load_settings
+
+if TYPE_CHECKING:
+    import dagster as dg
+
+
+@click.command()
+def migrate() -> None:
+    """Apply pending serving-table migrations to BILLING_POSTGRES_URL (runs also start them)."""
+    from billing_dagster.postgres_db import migrate as apply_migrations
+
+    applied = apply_migrations(load_settings().postgres_url)
+    click.echo(
+        f"applied {', '.join(applied)}" if applied else "nothing to apply: schema is current"
+    )
+
+
+def _last_ingest_run(instance: dg.DagsterInstance) -> dict[str, object] | None:
+    from billing_dagster.definitions import INGEST_CONCURRENCY_TAG
+
+    for run in instance.get_runs(limit=50):
+        if run.tags.get(INGEST_CONCURRENCY_TAG, "reconcile") not in ("reconcile", "maintenance"):
+            record = instance.get_run_record_by_id(run.run_id)
+            return {
+                "run_id": run.run_id,
+                "job": run.job_name,
+                "status": run.status.value,
+                "kind": run.tags[INGEST_CONCURRENCY_TAG],
+                "partition": run.tags.get("dagster/partition"),
+                "backfill": run.tags.get("dagster/backfill"),
+                "updated_at": record.update_timestamp.isoformat() if record else None,
+            }
+    return None
+
+
+@click.command()
+@click.option("--topic", help="Default: BILLING_TOPIC.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(topic: str | None, as_json: bool) -> None:
+    """Where the pipeline stands: per Kafka partition the end offset, the offset processed
+    into the lake and the lag; the last ingest run; the last reconciliation."""
+    import json
+    import os
+
+    from billing_dagster.contract import RAW_TABLE
+    from billing_dagster.delta_lake import committed_offsets
+    from billing_dagster.operations import partition_status
+    from billing_dagster.reconciliation import latest_reconciliation
+    from billing_dagster.serving import serving_marks
+
+    settings = load_settings()
+    topic = topic or settings.topic
+    lake = lake_location()
+    with kafka_client(settings) as client:
+        marks = client.watermarks(topic)  # an unknown topic is one clear error
+    committed = committed_offsets(lake.open(RAW_TABLE), topic, list(marks))
+    try:
+        serving: dict[int, int] | None = serving_marks(settings.postgres_url, topic)
+        serving_error = None
+    except ServingUnavailableError as exc:
+        serving, serving_error = None, str(exc)
+    partitions = partition_status(marks, committed, serving)
+    last_run, in_progress = None, None
+    if os.environ.get("DAGSTER_HOME"):
+        import dagster as dg
+        from dagster._core.storage.dagster_run import IN_PROGRESS_RUN_STATUSES
+
+        from billing_dagster.backfills import dagster_instance
+        from billing_dagster.definitions import INGEST_CONCURRENCY_TAG
+
+        instance = dagster_instance()
+        last_run = _last_ingest_run(instance)
+        in_progress = sum(
+            1
+            for run in instance.get_runs(dg.RunsFilter(statuses=list(IN_PROGRESS_RUN_STATUSES)))
+            if INGEST_CONCURRENCY_TAG in run.tags
+        )
+    recon = latest_reconciliation(lake)
+    report = {
+        "topic": topic,
+        "lag": sum(p.lag for p in partitions),
+        "partitions": [
+            {
+                "partition": p.partition,
+                "end": p.end,
+                "processed": p.processed,
+                "lag": p.lag,
+                "lake": p.lake,
+                "serving": p.serving,
+            }
+            for p in partitions
+        ],
+        # Processed = in the lake and in Postgres; None here: Postgres unknown.
+        "serving_unavailable": serving_error,
+        "last_run": last_run,
+        "ingest_runs_in_progress": in_progress,
+        "last_reconciliation": None
+        if recon is None
+        else {
+            "date": recon.day.isoformat(),
+            "max_discrepancy_pct": str(recon.max_discrepancy_pct),
+            "worst": recon.worst,
+        },
+    }
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"topic {topic}: total lag {report['lag']:,} records")
+    if serving_error:
+        click.echo(f"Postgres out of reach, lag counts the lake only: {serving_error}")
+    click.echo(
+        f"{'partition':>9} {'end':>12} {'processed':>12} {'lag':>10} {'lake':>12} {'postgres':>12}"
+    )
+
+    def shown(offset: int | None) -> str:
+        return "-" if offset is None else f"{offset:,}"
+
+    for p in partitions:
+        click.echo(
+            f"{p.partition:>9} {p.end:>12,} {shown(p.processed):>12} {p.lag:>10,} "
+            f"{shown(p.lake):>12} {shown(p.serving):>12}"
+        )
+    if last_run is None:
+        where = "" if os.environ.get("DAGSTER_HOME") else " (DAGSTER_HOME not set)"
+        click.echo(f"last ingest run: none{where}")
+    else:
+        click.echo(
+            f"last ingest run: {last_run['status']} {last_run['run_id'][:8]} "
+            f"({last_run['kind']}, partition {last_run['partition']}) at {last_run['updated_at']}"
+        )
+    if in_progress:
+        click.echo(f"ingest runs queued or running: {in_progress}")
+    if recon is None:
+        click.echo("last reconciliation: none")
+    else:
+        click.echo(
+            f"last reconciliation: {recon.day} worst {recon.max_discrepancy_pct}% ({recon.worst})"
+        )
