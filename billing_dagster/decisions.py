@@ -17,7 +17,7 @@ from datetime import datetime
 import polars as pl
 
 from billing_dagster.cleaning import CleanedBatch
-from billing_dagster.decoding import RAW_VALUE, quarantine_rows
+from billing_dagster.decoding import quarantine_rows
 
 #: The rule of a record the rules accept now that an earlier attempt did not accept.
 REJECTED_EARLIER_RULE = "decision:rejected_earlier"
@@ -51,13 +51,7 @@ def keep_decisions(
     positions = committed.select(_POSITION)
     rejected_earlier = cleaned.accepted.filter(earlier).join(positions, on=_POSITION, how="anti")
     late_quarantine = quarantine_rows(
-        events.join(rejected_earlier.select(_POSITION), on=_POSITION, how="semi").select(
-            "kafka_topic",
-            "kafka_partition",
-            "kafka_offset",
-            "kafka_timestamp",
-            "kafka_key",
-            RAW_VALUE,
+        events.join(rejected_earlier.select(_POSITION), on=_POSITION, how="semi").with_columns(
             stage=pl.lit("dedupe"),
             rules=pl.lit([REJECTED_EARLIER_RULE], dtype=pl.List(pl.String)),
             reason=pl.lit(

@@ -15,9 +15,7 @@ import multiprocessing
 import os
 import signal
 import uuid
-from collections import defaultdict
 from collections.abc import Iterator
-from decimal import Decimal
 
 import dagster as dg
 import polars as pl
@@ -28,7 +26,7 @@ from deltalake.exceptions import CommitFailedError
 from billing_dagster.contract import BILLING_EVENTS_TABLE, QUARANTINE_TABLE, RAW_TABLE
 from billing_dagster.definitions import build_resources
 from billing_dagster.delta_lake import read_table
-from billing_dagster.enrichment import ReferenceData, usd_amount_of, write_reference_data
+from billing_dagster.enrichment import ReferenceData, write_reference_data
 from billing_dagster.ingest import COMMIT_STEPS, ingest_offsets
 from billing_dagster.local_infra.kafka import ApacheKafka
 from billing_dagster.local_infra.postgres import LocalPostgres
@@ -39,6 +37,8 @@ from billing_dagster.settings import load_settings
 from billing_dagster.synthetic import GeneratedRecord, SyntheticBillingStream
 
 from .conftest import Pipeline, pipeline_env
+from .lake_rows import balances as _balances
+from .lake_rows import expected_balances
 from .test_ingest_kafka import evaluate_sensor, materialize
 
 #: Commits lost on a crash stay lost with synchronous_commit off: the WAL writer flushes
@@ -142,32 +142,6 @@ def _produce(pipeline: Pipeline, records: list[GeneratedRecord]) -> list[tuple[i
     return [
         (p, before.get(p, 0), end) for p, end in sorted(after.items()) if end > before.get(p, 0)
     ]
-
-
-def expected_balances(
-    records: list[GeneratedRecord], reference: ReferenceData
-) -> dict[int, Decimal]:
-    """Each valid event once, converted with Decimal: computed without the pipeline."""
-    rates = {
-        (r["rate_date"], r["currency"]): r["usd_rate"]
-        for r in reference.fx_rates.iter_rows(named=True)
-    }
-    events = {r.event.event_id: r.event for r in records if r.kind == "valid" and r.event}
-    totals: dict[int, Decimal] = defaultdict(lambda: Decimal("0.00"))
-    for event in events.values():
-        rate = (
-            Decimal(1)
-            if event.currency == "USD"
-            else rates[(event.created_at.date(), event.currency)]
-        )
-        totals[event.customer_id] += usd_amount_of(event.amount, rate)
-    return {c: t for c, t in totals.items()}
-
-
-def _balances(url: str) -> dict[int, Decimal]:
-    with psycopg2.connect(url) as connection, connection.cursor() as cursor:
-        cursor.execute("SELECT customer_id, current_balance FROM customer_balances")
-        return dict(cursor.fetchall())
 
 
 def _history(url: str) -> pl.DataFrame:
