@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 import dagster as dg
 
 from assets.ingest import BILLING_EVENTS, CUSTOMER_BALANCES
-from billing_dagster.ingest import checked_batch_rows
+from billing_dagster.batch_check import checked_batch_rows
 from billing_dagster.offsets import ranges_from_text
 from billing_dagster.postgres_db import ServingUnavailableError
 from billing_dagster.quality import validate_frame

@@ -22,13 +22,14 @@ from clean_batch import as_records
 from machine_info import machine  # bench/ is the script folder, so on sys.path
 
 from billing_dagster.aggregates import events_of_days
+from billing_dagster.batch_check import checked_batch_rows
 from billing_dagster.cleaning import clean_events
 from billing_dagster.compaction import compact_hours
 from billing_dagster.contract import BILLING_EVENTS_TABLE, EVENT_HOUR_PARTITIONS
 from billing_dagster.decoding import decode_json_records
 from billing_dagster.dedupe import accepted_before_in_lake
 from billing_dagster.delta_lake import LakeLocation, append_exactly_once
-from billing_dagster.ingest import checked_batch_rows, first_payments
+from billing_dagster.ingest import first_payments
 from billing_dagster.offsets import OffsetRange, hour_key, hour_start
 from billing_dagster.rules import ValidationPolicy
 from billing_dagster.synthetic import SyntheticBillingStream

@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
@@ -46,7 +46,6 @@ from billing_dagster.delta_lake import (
     append_exactly_once,
     committed_offsets,
     open_or_create,
-    partition_filter,
     scan_table,
 )
 from billing_dagster.enrichment import ReferenceData
@@ -56,7 +55,6 @@ from billing_dagster.offsets import (
     OffsetRange,
     ReadPlan,
     check_topic_not_reset,
-    parse_hour_key,
     plan_reads,
 )
 from billing_dagster.projection import (
@@ -64,7 +62,6 @@ from billing_dagster.projection import (
     catch_up,
     committed_events,
     decided_marks,
-    offsets_filter,
 )
 from billing_dagster.rules import RETURN_TYPES, ValidationPolicy
 from billing_dagster.serving import ServingResult, apply_batch
@@ -119,48 +116,6 @@ class IngestReport:
     def balanced(self) -> bool:
         """Every record read is accepted, a duplicate or quarantined: exactly one of them."""
         return self.records_read == self.accepted + self.duplicates + self.quarantined
-
-
-def _hour_keys_filter(hour_keys: Sequence[str]) -> pl.Expr:
-    hours = [parse_hour_key(k) for k in hour_keys]
-    return partition_filter(
-        EVENT_HOUR_PARTITIONS, [(h.year, h.month, h.day, h.hour) for h in hours]
-    )
-
-
-POSITION = ("kafka_topic", "kafka_partition", "kafka_offset")
-
-
-def checked_batch_rows(
-    lake: LakeLocation, topic: str, hour_keys: Sequence[str], ranges: Sequence[OffsetRange]
-) -> pl.DataFrame:
-    """What the quality check judges: the billing_events rows of one batch (its offset
-    ranges, in the event hours it touched, as in the ingest metadata '2024-12-15-14:00'),
-    followed by every other row of those hours that shares an event_id or a Kafka position
-    with another row there.
-
-    The aggregates recompute the touched hours, so a second row for any event there
-    matters; finding them takes the event_id and position columns only. The expectations
-    then run over the batch and those rows, not over hours that grow all day."""
-    scan = scan_table(lake, BILLING_EVENTS_TABLE)
-    if scan is None or not hour_keys or not ranges:
-        return pl.DataFrame(schema=BILLING_EVENTS_SCHEMA)
-    hours = scan.filter(_hour_keys_filter(hour_keys))
-    own = offsets_filter(topic, {r.partition: (r.start, r.end) for r in ranges})
-    batch = hours.filter(own).collect()
-    repeated_ids = hours.group_by("event_id").len().filter(pl.col("len") > 1).collect()["event_id"]
-    repeated_positions = (
-        hours.group_by(POSITION).len().filter(pl.col("len") > 1).drop("len").collect()
-    )
-    suspects = pl.concat([batch["event_id"], repeated_ids]).unique()
-    others = hours.filter(~own)
-    twins = others.filter(pl.col("event_id").is_in(suspects.implode())).collect()
-    if repeated_positions.height:
-        same_position = others.join(repeated_positions.lazy(), on=POSITION, how="semi")
-        twins = pl.concat(
-            [twins, same_position.filter(~pl.col("event_id").is_in(suspects.implode())).collect()]
-        )
-    return pl.concat([batch, twins])
 
 
 def first_payments(lake: LakeLocation, events: pl.DataFrame) -> pl.DataFrame:
@@ -265,32 +220,10 @@ def ingest_offsets(
     clock.lap("kafka_commit")
     step("consumer_group")
 
-    hours = cleaned.accepted["created_at"].dt.strftime(HOUR_KEY_FORMAT).unique().sort()
-    by_rule = (
-        cleaned.quarantine.select(pl.col("rules").list.first().alias("rule"))
-        .group_by("rule")
-        .len()
-        .sort("rule")
+    report = _report(
+        topic, plan, processed_up_to, records.height, cleaned, accepted, quarantined, raw
     )
-    report = IngestReport(
-        topic=topic,
-        plan=plan,
-        processed_up_to=processed_up_to,
-        records_read=records.height,
-        accepted_written=accepted.rows_written,
-        accepted_already_committed=cleaned.accepted.height - accepted.rows_written,
-        duplicates=cleaned.duplicates.height,
-        quarantined_written=quarantined.rows_written,
-        quarantined_already_committed=cleaned.quarantine.height - quarantined.rows_written,
-        raw_written=raw.rows_written,
-        raw_table_version=raw.table_version,
-        billing_events_version=accepted.table_version,
-        event_hours=tuple(hours.to_list()),
-        quarantined_by_rule=dict(by_rule.iter_rows()),
-        serving=serving,
-        serving_repair=caught_up,
-        timings=clock.laps,
-    )
+    report = replace(report, serving=serving, serving_repair=caught_up, timings=clock.laps)
     if not report.balanced:
         raise AssertionError(f"record accounting does not balance: {report}")
     return report
@@ -431,6 +364,41 @@ def _apply_to_serving(
     has never seen; a mark lost since the catch-up at the start of the run)."""
     catch_up(url, lake, topic, {p: start for p, (start, _) in ranges.items()}, run_id=run_id)
     return apply_batch(url, accepted, topic=topic, ranges=ranges, run_id=run_id)
+
+
+def _report(
+    topic: str,
+    plan: ReadPlan,
+    processed_up_to: dict[int, int],
+    records_read: int,
+    cleaned: CleanedBatch,
+    accepted: AppendResult,
+    quarantined: AppendResult,
+    raw: AppendResult,
+) -> IngestReport:
+    hours = cleaned.accepted["created_at"].dt.strftime(HOUR_KEY_FORMAT).unique().sort()
+    by_rule = (
+        cleaned.quarantine.select(pl.col("rules").list.first().alias("rule"))
+        .group_by("rule")
+        .len()
+        .sort("rule")
+    )
+    return IngestReport(
+        topic=topic,
+        plan=plan,
+        processed_up_to=processed_up_to,
+        records_read=records_read,
+        accepted_written=accepted.rows_written,
+        accepted_already_committed=cleaned.accepted.height - accepted.rows_written,
+        duplicates=cleaned.duplicates.height,
+        quarantined_written=quarantined.rows_written,
+        quarantined_already_committed=cleaned.quarantine.height - quarantined.rows_written,
+        raw_written=raw.rows_written,
+        raw_table_version=raw.table_version,
+        billing_events_version=accepted.table_version,
+        event_hours=tuple(hours.to_list()),
+        quarantined_by_rule=dict(by_rule.iter_rows()),
+    )
 
 
 def _timed(function: Callable[..., T], *args: object, **kwargs: object) -> tuple[T, float]:

@@ -12,9 +12,9 @@ import polars as pl
 import pytest
 
 from billing_dagster.aggregates import customer_metrics, daily_revenue, hourly_revenue
+from billing_dagster.batch_check import checked_batch_rows
 from billing_dagster.contract import BILLING_EVENTS_SCHEMA
 from billing_dagster.delta_lake import LakeLocation
-from billing_dagster.ingest import checked_batch_rows
 from billing_dagster.offsets import OffsetRange
 from billing_dagster.quality import (
     QualitySuiteError,
