@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
+from typing import NamedTuple
 
 import polars as pl
 
@@ -289,6 +290,140 @@ class ReconciliationResult:
         }
 
 
+def reconcile_day(
+    lake: LakeLocation,
+    day: date,
+    reference: ReferenceData,
+    *,
+    tolerance_pct: Decimal = DEFAULT_TOLERANCE_PCT,
+    run_id: str = "",
+    now: datetime | None = None,
+) -> ReconciliationResult:
+    """The day's real-time revenue against its batch recomputation from raw/: per currency,
+    and per customer in USD, with the events behind every difference."""
+    now = now or datetime.now(UTC)
+    batch = batch_events(lake, [day], reference)
+    realtime = _read_realtime(lake, day, batch)
+    currencies = compare(
+        realtime.by_currency, batch_totals_by_currency(batch), "key", tolerance_pct
+    )
+    customers = compare(
+        realtime.by_customer, batch_totals_by_customer(batch), "customer_id", tolerance_pct
+    )
+    differences = event_differences(realtime.events, batch)
+    currency_mismatches, customer_mismatches = _mismatches(currencies), _mismatches(customers)
+    stamp = _day_stamp(day, run_id)
+    discrepancies = _discrepancies(
+        currency_mismatches, customer_mismatches, differences, stamp=stamp, now=now
+    )
+    summary = _summary(
+        _currency_summary(currencies, differences),
+        _customer_summary(customers, customer_mismatches, differences),
+        stamp=stamp,
+        tolerance_pct=tolerance_pct,
+        now=now,
+    )
+    beyond = customers.filter(~pl.col("within_tolerance")).height
+    return ReconciliationResult(day, tolerance_pct, summary, discrepancies, beyond)
+
+
+# ---- the real-time side -----------------------------------------------------------------
+
+
+class _RealtimeSide(NamedTuple):
+    #: The day's billing_events, which the aggregates are built from.
+    events: pl.DataFrame
+    #: daily_revenue of the day, named as compare() expects.
+    by_currency: pl.DataFrame
+    #: customer_metrics of the day (USD), named as compare() expects.
+    by_customer: pl.DataFrame
+
+
+def _read_realtime(lake: LakeLocation, day: date, batch: pl.DataFrame) -> _RealtimeSide:
+    """What finance sees for the day, and the events behind it; before billing_events
+    exists there are no events (shaped like `batch`, so the sides still compare)."""
+    source = lake.open(BILLING_EVENTS_TABLE)
+    events = (
+        events_of_days(lake, [day], source.version())
+        if source is not None
+        else batch.clear().select(EVENT_SCHEMA.keys()).with_columns(amount_usd=pl.col("amount"))
+    )
+    by_currency = read_aggregate(lake, DAILY_REVENUE, [day]).select(
+        key="currency",
+        realtime_revenue="gross_revenue",
+        realtime_net="net_revenue",
+        realtime_count="transaction_count",
+    )
+    by_customer = read_aggregate(lake, CUSTOMER_METRICS, [day]).select(
+        "customer_id",
+        realtime_revenue="payments_usd",
+        realtime_net="net_usd",
+        realtime_count="transaction_count",
+    )
+    return _RealtimeSide(events, by_currency, by_customer)
+
+
+# ---- building the result ----------------------------------------------------------------
+
+
+def _mismatches(compared: pl.DataFrame) -> pl.DataFrame:
+    """The compared keys whose amounts differ at all, within tolerance or not: each one is
+    explained in reconciliation/discrepancies."""
+    return compared.filter(
+        (pl.col("realtime_net") != pl.col("batch_net"))
+        | (pl.col("realtime_revenue") != pl.col("batch_revenue"))
+        | (pl.col("realtime_count") != pl.col("batch_count"))
+    )
+
+
+def _day_stamp(day: date, run_id: str) -> dict[str, pl.Expr]:
+    """The columns naming the reconciled day and run, in both tables."""
+    return {
+        "recon_date": pl.lit(day, pl.Date),
+        "year": pl.lit(day.year, pl.Int32),
+        "month": pl.lit(day.month, pl.Int32),
+        "day": pl.lit(day.day, pl.Int32),
+        "run_id": pl.lit(run_id),
+    }
+
+
+def _discrepancies(
+    currency_mismatches: pl.DataFrame,
+    customer_mismatches: pl.DataFrame,
+    differences: pl.DataFrame,
+    *,
+    stamp: dict[str, pl.Expr],
+    now: datetime,
+) -> pl.DataFrame:
+    """reconciliation/discrepancies rows: each mismatching currency and customer with the
+    events behind the difference."""
+    if not (currency_mismatches.height or customer_mismatches.height):
+        return pl.DataFrame(schema=DISCREPANCIES_SCHEMA)
+    detailed = pl.concat(
+        [
+            _detail_rows(
+                currency_mismatches,
+                differences,
+                scope="currency",
+                key_column="key",
+                event_column="currency",
+            ),
+            _detail_rows(
+                customer_mismatches,
+                differences,
+                scope="customer",
+                key_column="customer_id",
+                event_column="customer_id",
+            ),
+        ],
+        how="diagonal_relaxed",
+    )
+    return _conform(
+        detailed.with_columns(**stamp, detected_at=pl.lit(now, pl.Datetime("us", "UTC"))),
+        DISCREPANCIES_SCHEMA,
+    )
+
+
 def _detail_rows(
     mismatches: pl.DataFrame,
     differences: pl.DataFrame,
@@ -314,88 +449,31 @@ def _detail_rows(
     return detailed.with_columns(pl.col("_key").alias(event_column)).drop("_key")
 
 
-def reconcile_day(
-    lake: LakeLocation,
-    day: date,
-    reference: ReferenceData,
-    *,
-    tolerance_pct: Decimal = DEFAULT_TOLERANCE_PCT,
-    run_id: str = "",
-    now: datetime | None = None,
-) -> ReconciliationResult:
-    now = now or datetime.now(UTC)
-    batch = batch_events(lake, [day], reference)
-    source = lake.open(BILLING_EVENTS_TABLE)
-    realtime_events = (
-        events_of_days(lake, [day], source.version())
-        if source is not None
-        else batch.clear().select(EVENT_SCHEMA.keys()).with_columns(amount_usd=pl.col("amount"))
-    )
-    daily = read_aggregate(lake, DAILY_REVENUE, [day]).select(
-        key="currency",
-        realtime_revenue="gross_revenue",
-        realtime_net="net_revenue",
-        realtime_count="transaction_count",
-    )
-    per_customer = read_aggregate(lake, CUSTOMER_METRICS, [day]).select(
-        "customer_id",
-        realtime_revenue="payments_usd",
-        realtime_net="net_usd",
-        realtime_count="transaction_count",
-    )
-    currencies = compare(daily, batch_totals_by_currency(batch), "key", tolerance_pct)
-    customers = compare(per_customer, batch_totals_by_customer(batch), "customer_id", tolerance_pct)
-    differences = event_differences(realtime_events, batch)
-
-    def differs(frame: pl.DataFrame) -> pl.DataFrame:
-        return frame.filter(
-            (pl.col("realtime_net") != pl.col("batch_net"))
-            | (pl.col("realtime_revenue") != pl.col("batch_revenue"))
-            | (pl.col("realtime_count") != pl.col("batch_count"))
+def _currency_summary(currencies: pl.DataFrame, differences: pl.DataFrame) -> pl.DataFrame:
+    """One summary row per currency: its comparison and the events that differ in it."""
+    return (
+        currencies.with_columns(
+            scope=pl.lit("currency"),
+            keys_compared=pl.lit(1, pl.Int64),
+            keys_beyond_tolerance=(~pl.col("within_tolerance")).cast(pl.Int64),
         )
-
-    currency_rows = differs(currencies)
-    customer_rows = differs(customers)
-    stamp = {
-        "recon_date": pl.lit(day, pl.Date),
-        "year": pl.lit(day.year, pl.Int32),
-        "month": pl.lit(day.month, pl.Int32),
-        "day": pl.lit(day.day, pl.Int32),
-        "run_id": pl.lit(run_id),
-    }
-    discrepancies = (
-        pl.concat(
-            [
-                _detail_rows(
-                    currency_rows,
-                    differences,
-                    scope="currency",
-                    key_column="key",
-                    event_column="currency",
-                ),
-                _detail_rows(
-                    customer_rows,
-                    differences,
-                    scope="customer",
-                    key_column="customer_id",
-                    event_column="customer_id",
-                ),
-            ],
-            how="diagonal_relaxed",
+        .join(
+            differences.group_by(key="currency").agg(differing_events=pl.len().cast(pl.Int64)),
+            on="key",
+            how="left",
         )
-        if (currency_rows.height or customer_rows.height)
-        else pl.DataFrame()
-    )
-    discrepancies = _conform(
-        discrepancies.with_columns(**stamp, detected_at=pl.lit(now, pl.Datetime("us", "UTC")))
-        if discrepancies.width
-        else discrepancies,
-        DISCREPANCIES_SCHEMA,
+        .with_columns(pl.col("differing_events").fill_null(0))
     )
 
+
+def _customer_summary(
+    customers: pl.DataFrame, customer_mismatches: pl.DataFrame, differences: pl.DataFrame
+) -> pl.DataFrame:
+    """The one "customers"/"all" summary row: the customer comparisons added up, the worst
+    discrepancy of any customer, and within tolerance only if every customer is."""
     beyond = customers.filter(~pl.col("within_tolerance"))
     customer_pcts = customers["discrepancy_pct"]
-    customer_summary = pl.DataFrame(
+    return pl.DataFrame(
         {
             "key": ["all"],
             "realtime_revenue": [customers["realtime_revenue"].sum()],
@@ -412,7 +490,7 @@ def reconcile_day(
             "keys_beyond_tolerance": [beyond.height],
             "differing_events": [
                 differences.filter(
-                    pl.col("customer_id").is_in(customer_rows["customer_id"].implode())
+                    pl.col("customer_id").is_in(customer_mismatches["customer_id"].implode())
                 ).height
             ],
         },
@@ -424,21 +502,19 @@ def reconcile_day(
             "discrepancy_pct": PCT,
         },
     ).with_columns(scope=pl.lit("customers"))
-    currency_summary = (
-        currencies.with_columns(
-            scope=pl.lit("currency"),
-            keys_compared=pl.lit(1, pl.Int64),
-            keys_beyond_tolerance=(~pl.col("within_tolerance")).cast(pl.Int64),
-        )
-        .join(
-            differences.group_by(key="currency").agg(differing_events=pl.len().cast(pl.Int64)),
-            on="key",
-            how="left",
-        )
-        .with_columns(pl.col("differing_events").fill_null(0))
-    )
+
+
+def _summary(
+    currency_summary: pl.DataFrame,
+    customer_summary: pl.DataFrame,
+    *,
+    stamp: dict[str, pl.Expr],
+    tolerance_pct: Decimal,
+    now: datetime,
+) -> pl.DataFrame:
+    """reconciliation/daily rows, sorted by scope and key."""
     summary = pl.concat([currency_summary, customer_summary], how="diagonal_relaxed")
-    summary = _conform(
+    return _conform(
         summary.with_columns(
             **stamp,
             tolerance_pct=pl.lit(tolerance_pct, PCT),
@@ -446,7 +522,6 @@ def reconcile_day(
         ).sort("scope", "key"),
         RECONCILIATION_SCHEMA,
     )
-    return ReconciliationResult(day, tolerance_pct, summary, discrepancies, beyond.height)
 
 
 def _conform(frame: pl.DataFrame, schema: dict[str, pl.DataType]) -> pl.DataFrame:
