@@ -70,7 +70,8 @@ def events(
         .then(-pl.col("cents"))
         .otherwise(pl.col("cents"))
     )
-    amount = (signed.cast(pl.Decimal(18, 0)) / 100).cast(pl.Decimal(12, 2))
+    # Scale 2 before dividing: Decimal(18, 0) / 100 keeps scale 0 (whole dollars).
+    amount = (signed.cast(pl.Decimal(18, 2)) / 100).cast(pl.Decimal(12, 2))
     # Priced by the same enrichment as the ingest step, so the batch side agrees.
     frame = enrich(
         frame.with_columns(

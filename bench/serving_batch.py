@@ -52,7 +52,8 @@ def accepted_batch(events: int, customers: int, seed: int) -> pl.DataFrame:
         .then(-pl.col("cents"))
         .otherwise(pl.col("cents"))
     )
-    amount = (signed.cast(pl.Decimal(18, 0)) / 100).cast(pl.Decimal(12, 2))
+    # Scale 2 before dividing: Decimal(18, 0) / 100 keeps scale 0 (whole dollars).
+    amount = (signed.cast(pl.Decimal(18, 2)) / 100).cast(pl.Decimal(12, 2))
     return frame.with_columns(
         amount=amount, amount_usd=amount, currency=pl.lit("USD"), kafka_topic=pl.lit("bench")
     ).drop("i", "cents")
