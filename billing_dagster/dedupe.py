@@ -16,15 +16,17 @@ Two lookups give the same answer:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import date, datetime, timedelta
 
 import polars as pl
+import psycopg2.extensions
 
 from billing_dagster.cleaning import PRIOR_COLUMNS
 from billing_dagster.contract import BILLING_EVENTS_SCHEMA, BILLING_EVENTS_TABLE
 from billing_dagster.delta_lake import LakeLocation, partition_filter, scan_table
 from billing_dagster.postgres_db import connect
-from billing_dagster.serving import transaction_ids
+from billing_dagster.serving import ServingGapError, transaction_ids
 
 DEFAULT_HORIZON = timedelta(days=7)
 PRIOR_SCHEMA: dict[str, pl.DataType] = {c: BILLING_EVENTS_SCHEMA[c] for c in PRIOR_COLUMNS}
@@ -49,13 +51,25 @@ WHERE transaction_id = ANY(%s::uuid[]) AND created_at >= %s AND created_at <= %s
 """
 
 
+class ServingBehindError(ServingGapError):
+    """transaction_history does not hold every offset the lake decided: Postgres lost
+    commits (a crash with non-durable settings, a failover) since it was caught up."""
+
+
 def accepted_before_in_serving(
-    url: str, events: pl.DataFrame, horizon: timedelta = DEFAULT_HORIZON
+    url: str,
+    events: pl.DataFrame,
+    horizon: timedelta = DEFAULT_HORIZON,
+    *,
+    topic: str | None = None,
+    caught_up_to: Mapping[int, int | None] | None = None,
 ) -> pl.DataFrame:
     """Earlier deliveries of the batch's event_ids, from transaction_history.
 
     Matched on transaction_id (a UUID event_id in any case, or the uuid5 of another), and
-    returned under the batch's own event_id."""
+    returned under the batch's own event_id. `caught_up_to`: the lake's decided marks of
+    `topic`; the lookup reads the marks in the same snapshot as the history and raises
+    ServingBehindError if Postgres is behind them (it lost the catch-up's commit)."""
     if events.is_empty():
         return _empty()
     ids = events.select("event_id").unique()
@@ -64,6 +78,10 @@ def accepted_before_in_serving(
     # The ids go as one array literal: 100K separate literals cost seconds to parse and plan.
     ids_literal = "{" + ",".join(ids["transaction_id"].to_list()) + "}"
     with connect(url) as connection, connection.cursor() as cursor:
+        # One snapshot for the marks and the history: what the marks say is what is read.
+        cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        if caught_up_to:
+            _check_caught_up(cursor, topic or "", caught_up_to)
         # For a large batch the planner prices 100K index probes above a scan of the
         # months in the window, and a scan is exactly the cost that must not grow with
         # the history: probe the (transaction_id, created_at) key, always.
@@ -86,6 +104,25 @@ def accepted_before_in_serving(
         orient="row",
     )
     return ids.join(found, on="transaction_id").select(PRIOR_COLUMNS).cast(PRIOR_SCHEMA)
+
+
+def _check_caught_up(
+    cursor: psycopg2.extensions.cursor, topic: str, needed: Mapping[int, int | None]
+) -> None:
+    cursor.execute(
+        "SELECT kafka_partition, next_offset FROM balance_offsets WHERE topic = %s", (topic,)
+    )
+    marks = dict(cursor.fetchall())
+    behind = {
+        p: (marks.get(p, 0), mark)
+        for p, mark in sorted(needed.items())
+        if mark is not None and marks.get(p, 0) < mark
+    }
+    if behind:
+        raise ServingBehindError(
+            f"Postgres lost offsets of {topic} it had been caught up to: "
+            + ", ".join(f"{p}:{m}-{d}" for p, (m, d) in behind.items())
+        )
 
 
 def _days(low: datetime, high: datetime) -> list[date]:

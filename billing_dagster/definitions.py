@@ -27,6 +27,9 @@ from sensors.kafka_offsets import build_kafka_offsets_sensor
 #: Runs carrying this tag are limited to one at a time by the run queue (dev/dagster.yaml):
 #: offsets commit in order per partition, so parallel ingest runs would only conflict.
 INGEST_CONCURRENCY_TAG = "billing/ingest"
+#: Its values on runs that ingest (the live sensor's, replays and backfills); the lane's
+#: other runs are "reconcile", "invariants" and "maintenance".
+INGEST_KINDS = ("kafka", "replay")
 
 
 def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:

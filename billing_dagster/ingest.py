@@ -37,6 +37,7 @@ from billing_dagster.decisions import keep_decisions
 from billing_dagster.decoding import DecodedBatch, SchemaSource, ValueFormat, decode_records
 from billing_dagster.dedupe import (
     DEFAULT_HORIZON,
+    ServingBehindError,
     accepted_before_in_lake,
     accepted_before_in_serving,
 )
@@ -140,9 +141,18 @@ def first_payments(lake: LakeLocation, events: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-#: The commits of a batch, in order; `on_step` hears each name right after it lands
-#: ("decided" comes before the first: the batch is judged, nothing is written yet).
-COMMIT_STEPS = ("decided", "billing_events", "quarantine", "postgres", "raw", "consumer_group")
+#: The commits of a batch, in order; `on_step` hears each name right after it lands:
+#: "caught_up" after Postgres is brought up to the lake's decided offsets (before the
+#: dedupe lookup), "decided" once the batch is judged and nothing of it is written yet.
+COMMIT_STEPS = (
+    "caught_up",
+    "decided",
+    "billing_events",
+    "quarantine",
+    "postgres",
+    "raw",
+    "consumer_group",
+)
 
 
 def ingest_offsets(
@@ -170,18 +180,9 @@ def ingest_offsets(
     if any(mark is not None for mark in committed.values()):
         check_topic_not_reset(topic, committed, ends)
     plan = plan_reads(requested, committed)
-    caught_up = CatchUp()
-    if serving_url is not None:
-        # The dedupe lookup reads transaction_history: it must hold every decided offset.
-        caught_up = catch_up(
-            serving_url,
-            lake,
-            topic,
-            decided_marks(
-                lake, topic, sorted(ends), events_table=tables.events, raw_table=tables.raw
-            ),
-            run_id=run_id,
-        )
+    decided = decided_marks(
+        lake, topic, sorted(ends), events_table=tables.events, raw_table=tables.raw
+    )
     clock.lap("plan")
 
     records, processed_up_to = client.read(topic, plan.reads)
@@ -194,7 +195,11 @@ def ingest_offsets(
         now=now,
     )
     clock.lap("decode")
-    cleaned = _decide(lake, tables, topic, plan, decoded, cleaning, serving_url, run_id, now)
+    prior, caught_up = _accepted_before(
+        lake, topic, decoded, cleaning, serving_url, decided, run_id, step
+    )
+    clock.lap("dedupe_lookup")
+    cleaned = _decide(lake, tables, topic, plan, decoded, prior, cleaning, run_id, now)
     clock.lap("clean")
     step("decided")
 
@@ -249,23 +254,54 @@ class _BatchTables:
         )
 
 
+def _accepted_before(
+    lake: LakeLocation,
+    topic: str,
+    decoded: DecodedBatch,
+    cleaning: CleaningContext,
+    serving_url: str | None,
+    decided: dict[int, int | None],
+    run_id: str,
+    step: Callable[[str], None],
+) -> tuple[pl.DataFrame, CatchUp]:
+    """Earlier deliveries of the batch's event_ids, and what Postgres had to be caught up
+    by first: the lookup reads transaction_history, so it must hold every offset the lake
+    decided, checked in the lookup's own snapshot."""
+    if serving_url is None:
+        return accepted_before_in_lake(lake, decoded.events, cleaning.dedupe_horizon), CatchUp()
+    caught_up = CatchUp()
+    for attempt in range(3):
+        caught_up = caught_up.then(catch_up(serving_url, lake, topic, decided, run_id=run_id))
+        step("caught_up")
+        try:
+            prior = accepted_before_in_serving(
+                serving_url,
+                decoded.events,
+                cleaning.dedupe_horizon,
+                topic=topic,
+                caught_up_to=decided,
+            )
+            return prior, caught_up
+        except ServingBehindError:
+            # Postgres lost the catch-up's commit (it restarted without it): again.
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
 def _decide(
     lake: LakeLocation,
     tables: _BatchTables,
     topic: str,
     plan: ReadPlan,
     decoded: DecodedBatch,
+    prior: pl.DataFrame,
     cleaning: CleaningContext,
-    serving_url: str | None,
     run_id: str,
     now: datetime,
 ) -> CleanedBatch:
-    """Dedupe, enrich and judge the batch; offsets billing_events already decided keep
-    that decision."""
-    if serving_url is not None:
-        prior = accepted_before_in_serving(serving_url, decoded.events, cleaning.dedupe_horizon)
-    else:
-        prior = accepted_before_in_lake(lake, decoded.events, cleaning.dedupe_horizon)
+    """Enrich and judge the batch, deduped against `prior`; offsets billing_events
+    already decided keep that decision."""
     payments = first_payments(lake, decoded.events)
     cleaned = clean_events(
         decoded.events,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 
 import polars as pl
 from deltalake import DeltaTable
@@ -84,6 +85,18 @@ class CatchUp:
     def repaired(self) -> bool:
         """Money was missing from Postgres (not just marks that had not moved yet)."""
         return self.events_applied > 0
+
+    def then(self, later: CatchUp) -> CatchUp:
+        """This catch-up followed by a later one (Postgres lost the first in between)."""
+        applied = dict(self.applied)
+        for p, (start, end) in later.applied.items():
+            first = applied.get(p, (start, end))
+            applied[p] = (min(first[0], start), max(first[1], end))
+        return CatchUp(
+            applied,
+            self.events_applied + later.events_applied,
+            str(Decimal(self.amount_usd_applied) + Decimal(later.amount_usd_applied)),
+        )
 
     def describe(self) -> str:
         ranges = ", ".join(f"{p}:{s}-{e}" for p, (s, e) in sorted(self.applied.items()))

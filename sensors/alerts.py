@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 
-from assets.ingest import BILLING_EVENTS, INGEST_JOB
+from assets.ingest import BILLING_EVENTS
 from assets.invariant_checks import INVARIANT_CHECKS
 from billing_dagster.alerts import (
     Alert,
@@ -144,12 +144,13 @@ def _serving_behind(
 
 
 def _ingest_in_flight(instance: dg.DagsterInstance) -> bool:
+    """A run of the ingest lane (live, replay or backfill) queued or running."""
+    from billing_dagster.definitions import INGEST_CONCURRENCY_TAG, INGEST_KINDS
     from sensors.kafka_offsets import WAITING_OR_RUNNING
 
-    return bool(
-        instance.get_run_ids(
-            dg.RunsFilter(job_name=INGEST_JOB, statuses=WAITING_OR_RUNNING), limit=1
-        )
+    return any(
+        run.tags.get(INGEST_CONCURRENCY_TAG) in INGEST_KINDS
+        for run in instance.get_runs(dg.RunsFilter(statuses=WAITING_OR_RUNNING))
     )
 
 

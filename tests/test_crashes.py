@@ -260,6 +260,42 @@ def test_postgres_stopped_right_after_a_balance_commit_loses_nothing(
     assert_exactly_once(crash_pipeline, produced)
 
 
+def test_postgres_losing_the_catch_up_before_the_dedupe_lookup_doubles_nothing(
+    crash_pipeline: Pipeline, crash_postgres: LocalPostgres
+):
+    """Postgres is behind the lake (restored from before a batch). The next run catches
+    it up from billing_events, then Postgres crashes and, without durable commits, comes
+    back without that catch-up, just before the dedupe lookup reads transaction_history:
+    redeliveries of events only the lost catch-up held must still be duplicates."""
+    stream = _stream(seed=66)
+    env = crash_pipeline.env
+    url, topic = crash_pipeline.settings.postgres_url, crash_pipeline.settings.topic
+    warm_up = list(stream.records(50))
+    _ingest(env, _produce(crash_pipeline, warm_up))  # migrated, marks exist
+    snapshot = crash_postgres.snapshot(f"catch-up-{uuid.uuid4().hex[:6]}")
+    first = list(stream.records(300))
+    _ingest(env, _produce(crash_pipeline, first))
+    crash_postgres.restore(snapshot)  # Postgres no longer holds `first`; the lake does
+    redelivered = [
+        GeneratedRecord(r.key, r.value, "duplicate", r.event) for r in first if r.kind == "valid"
+    ][:50]
+    lost: list[bool] = []
+
+    def lose_the_catch_up(step: str) -> None:
+        if step == "caught_up" and not lost:
+            crash_postgres.pause()  # immediate: the catch-up's commit may be in WAL buffers
+            crash_postgres.resume()
+            lake = decided_marks(crash_pipeline.lake, topic, list(range(24)))
+            marks = serving_marks(url, topic)
+            lost.append(any(m is not None and marks.get(p, 0) < m for p, m in lake.items()))
+
+    report = _ingest(env, _produce(crash_pipeline, redelivered), on_step=lose_the_catch_up)
+    if not crash_postgres.durable:
+        assert lost == [True], "the immediate stop should lose the catch-up's commit"
+    assert report.duplicates == len(redelivered) and report.accepted == 0
+    assert_exactly_once(crash_pipeline, warm_up + first + redelivered)
+
+
 def _stop_at_postgres(server: LocalPostgres):
     def on_step(step: str) -> None:
         if step == "postgres":

@@ -27,10 +27,10 @@ def migrate() -> None:
 
 
 def _last_ingest_run(instance: dg.DagsterInstance) -> dict[str, object] | None:
-    from billing_dagster.definitions import INGEST_CONCURRENCY_TAG
+    from billing_dagster.definitions import INGEST_CONCURRENCY_TAG, INGEST_KINDS
 
     for run in instance.get_runs(limit=50):
-        if run.tags.get(INGEST_CONCURRENCY_TAG, "reconcile") not in ("reconcile", "maintenance"):
+        if run.tags.get(INGEST_CONCURRENCY_TAG) in INGEST_KINDS:
             record = instance.get_run_record_by_id(run.run_id)
             return {
                 "run_id": run.run_id,
@@ -74,17 +74,17 @@ def status(topic: str | None, as_json: bool) -> None:
     last_run, in_progress = None, None
     if os.environ.get("DAGSTER_HOME"):
         import dagster as dg
-        from dagster._core.storage.dagster_run import IN_PROGRESS_RUN_STATUSES
 
         from billing_dagster.backfills import dagster_instance
-        from billing_dagster.definitions import INGEST_CONCURRENCY_TAG
+        from billing_dagster.definitions import INGEST_CONCURRENCY_TAG, INGEST_KINDS
+        from sensors.kafka_offsets import WAITING_OR_RUNNING
 
         instance = dagster_instance()
         last_run = _last_ingest_run(instance)
         in_progress = sum(
             1
-            for run in instance.get_runs(dg.RunsFilter(statuses=list(IN_PROGRESS_RUN_STATUSES)))
-            if INGEST_CONCURRENCY_TAG in run.tags
+            for run in instance.get_runs(dg.RunsFilter(statuses=WAITING_OR_RUNNING))
+            if run.tags.get(INGEST_CONCURRENCY_TAG) in INGEST_KINDS
         )
     recon = latest_reconciliation(lake)
     report = {
