@@ -5,7 +5,8 @@ For each --history size the script starts a throwaway Postgres (durable, as the 
 runs it), migrates it and bulk-loads that many `transaction_history` rows with random
 UUID event ids, spread evenly over the ten days before END (two monthly partitions), the
 way a bulk load would: the primary key dropped, the rows COPYed (CSV, FREEZE) straight
-into their monthly partitions, the key built again, then VACUUM ANALYZE. It then times
+into their monthly partitions, the key built again, then VACUUM ANALYZE and a CHECKPOINT.
+It then times (wall, and CPU here plus in the Postgres server)
 `accepted_before_in_serving`, the function the ingest step calls, for batches of --batch
 events timed just after the history:
 
@@ -19,7 +20,8 @@ redelivered ids, at their original Kafka positions. One more redelivered batch i
 under EXPLAIN ANALYZE, with the planner's choice and with the primary-key probe forced,
 to show where the time goes (planning, execution, the rest: building, sending and
 parsing the 100K-element array). Before timing, it waits up to --settle seconds for a
-quiet machine (load average < 1.5) and prints the load average with each figure.
+quiet machine (load average < 1.5) and prints the load average with each figure: on a
+shared machine the CPU figures are the ones to compare.
 --lake-history N (0: skip) does the same with `accepted_before_in_lake` over an N-row
 billing_events Delta table (event-hour partitions, PRIOR columns only).
 
@@ -37,7 +39,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
@@ -307,18 +309,69 @@ def check(found: pl.DataFrame, redelivered: pl.DataFrame) -> None:
     ), "lookup found other rows than the redelivered ones"
 
 
+class CpuClock:
+    """CPU seconds used by this process (all its threads) and by a Postgres server (the
+    postmaster and its children, exited ones included: the postmaster reaps them). On a
+    shared machine CPU time says what a lookup costs; wall time, what it took there."""
+
+    def __init__(self, postgres: LocalPostgres | None) -> None:
+        pid_file = postgres.datadir / "postmaster.pid" if postgres else None
+        self.postmaster = int(pid_file.read_text().split()[0]) if pid_file else None
+        self.tick = os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _stat(pid: str | int) -> list[str]:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()
+
+    def server(self) -> float:
+        if self.postmaster is None:
+            return 0.0
+        # After ")": state, ppid, ... utime, stime, cutime, cstime are the 12th to 15th.
+        ticks = sum(int(v) for v in self._stat(self.postmaster)[11:15])
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                try:
+                    fields = self._stat(pid)
+                except OSError:
+                    continue
+                if int(fields[1]) == self.postmaster:
+                    ticks += int(fields[11]) + int(fields[12])
+        return ticks / self.tick
+
+    def measure(self, fn):
+        """fn(), its wall seconds, and the CPU seconds it used here and in Postgres."""
+        client, server = time.process_time(), self.server()
+        started = time.perf_counter()
+        result = fn()
+        wall = time.perf_counter() - started
+        client = time.process_time() - client
+        time.sleep(0.3)  # the lookup's backend has exited and been reaped
+        return result, wall, client, self.server() - server
+
+
 @dataclass
 class Timing:
     source: str
     history: int
     case: str
-    runs: list[float]
     batch: int
+    runs: list[float] = field(default_factory=list)
+    client_cpu: list[float] = field(default_factory=list)
+    server_cpu: list[float] = field(default_factory=list)
     load: float = 0.0
 
     @property
     def median(self) -> float:
         return statistics.median(self.runs)
+
+    @property
+    def cpu(self) -> float:
+        return statistics.median(map(sum, self.cpu_runs))
+
+    @property
+    def cpu_runs(self) -> list[tuple[float, float]]:
+        return list(zip(self.client_cpu, self.server_cpu, strict=True))
 
 
 def settle(limit_s: float) -> None:
@@ -332,25 +385,31 @@ def settle(limit_s: float) -> None:
     )
 
 
-def time_lookups(source, lookup, history: int, args, redelivered: pl.DataFrame) -> list[Timing]:
+def time_lookups(
+    source, lookup, clock: CpuClock, history: int, args, redelivered: pl.DataFrame
+) -> list[Timing]:
     per_batch = args.batch // 100
     settle(args.settle)
     timings = []
     for case, share in (("new", 0), ("1% redelivered", per_batch)):
-        runs = []
+        timing = Timing(source, history, case, args.batch)
         for repeat in range(args.repeats):
             expected = redelivered.slice(repeat * per_batch, share)
             events = batch(args.batch, expected, seed=1000 * (share > 0) + repeat)
-            started = time.perf_counter()
-            found = lookup(events)
-            runs.append(time.perf_counter() - started)
+            found, wall, client, server = clock.measure(lambda events=events: lookup(events))
+            timing.runs.append(wall)
+            timing.client_cpu.append(client)
+            timing.server_cpu.append(server)
             check(found, expected)
-        timing = Timing(source, history, case, runs, args.batch)
+        runs = timing.runs
         timing.load = os.getloadavg()[0]
         print(
             f"  {source} lookup, {case} (load average {timing.load:.2f}): runs "
             f"{', '.join(f'{r:.3f}' for r in runs)} s, "
-            f"median {timing.median:.3f} s = {timing.median / args.batch * 1e6:.1f} µs/event"
+            f"median {timing.median:.3f} s = {timing.median / args.batch * 1e6:.1f} µs/event; "
+            f"CPU {', '.join(f'{c:.2f}+{s:.2f}' for c, s in timing.cpu_runs)} s "
+            f"(here + Postgres), median {timing.cpu:.2f} s = "
+            f"{timing.cpu / args.batch * 1e6:.1f} µs/event"
         )
         timings.append(timing)
     return timings
@@ -359,13 +418,15 @@ def time_lookups(source, lookup, history: int, args, redelivered: pl.DataFrame) 
 @dataclass
 class Explained:
     """One EXPLAIN (ANALYZE) of the serving lookup's query, as `accepted_before_in_serving`
-    sends it (a 100K-element ARRAY[...] literal)."""
+    sends it (one array literal), with the planner's own choice and with the probe of the
+    primary key forced (which the lookup itself forces)."""
 
     setting: str
     scan: str
     wall_s: float
     planning_ms: float
     execution_ms: float
+    cpu_s: float
 
     @property
     def other_s(self) -> float:
@@ -373,18 +434,20 @@ class Explained:
         return self.wall_s - (self.planning_ms + self.execution_ms) / 1000
 
 
-def explain(url: str, events: pl.DataFrame, setting: str = "") -> Explained:
+def explain(clock: CpuClock, url: str, events: pl.DataFrame, setting: str = "") -> Explained:
     low, high = horizon_window(events, DEFAULT_HORIZON)
-    with connect(url) as connection, connection.cursor() as cursor:
-        if setting:
-            cursor.execute(setting)
-        started = time.perf_counter()
-        cursor.execute(
-            "EXPLAIN (ANALYZE, BUFFERS) " + _SERVING_LOOKUP,
-            (events["event_id"].unique().to_list(), low, high),
-        )
-        plan = [row[0] for row in cursor.fetchall()]
-        wall = time.perf_counter() - started
+
+    def run() -> list[str]:
+        with connect(url) as connection, connection.cursor() as cursor:
+            if setting:
+                cursor.execute(setting)
+            cursor.execute(
+                "EXPLAIN (ANALYZE, BUFFERS) " + _SERVING_LOOKUP,
+                ("{" + ",".join(events["event_id"].unique().to_list()) + "}", low, high),
+            )
+            return [row[0] for row in cursor.fetchall()]
+
+    plan, wall, client, server = clock.measure(run)
 
     def ms(label: str) -> float:
         return float(next(line for line in plan if line.startswith(label)).split()[2])
@@ -400,11 +463,12 @@ def explain(url: str, events: pl.DataFrame, setting: str = "") -> Explained:
         wall,
         ms("Planning Time"),
         ms("Execution Time"),
+        client + server,
     )
     print(
         f"  EXPLAIN ANALYZE, {explained.setting}: {explained.scan}; wall {wall:.2f} s = "
         f"planning {explained.planning_ms:.0f} ms + execution {explained.execution_ms:.0f} ms "
-        f"+ other {explained.other_s:.2f} s"
+        f"+ other {explained.other_s:.2f} s; CPU {client:.2f} s here + {server:.2f} s Postgres"
     )
     for line in plan:
         if "Buffers" in line:
@@ -429,9 +493,11 @@ def serving_run(total: int, args) -> tuple[Loaded, list[Timing], list[Explained]
             f"indexes {loaded.index_bytes / 2**30:.2f} GiB"
         )
         redelivered = loaded.redelivered.sample(fraction=1.0, shuffle=True, seed=3)
+        clock = CpuClock(postgres)
         timings = time_lookups(
             "serving",
             lambda events: accepted_before_in_serving(postgres.url, events, DEFAULT_HORIZON),
+            clock,
             total,
             args,
             redelivered,
@@ -440,7 +506,7 @@ def serving_run(total: int, args) -> tuple[Loaded, list[Timing], list[Explained]
         # with the primary-key probe forced.
         spare = redelivered.slice(args.repeats * (args.batch // 100), args.batch // 100)
         events = batch(args.batch, spare, seed=99)
-        explained = [explain(postgres.url, events, s) for s in ("", FORCE_INDEX)]
+        explained = [explain(clock, postgres.url, events, s) for s in ("", FORCE_INDEX)]
         return loaded, timings, explained
     finally:
         postgres.stop()
@@ -481,6 +547,7 @@ def lake_run(total: int, args) -> list[Timing]:
         return time_lookups(
             "lake",
             lambda events: accepted_before_in_lake(lake, events, DEFAULT_HORIZON),
+            CpuClock(None),
             total,
             args,
             redelivered,
@@ -519,10 +586,10 @@ def main() -> None:
 
     print()
     print(
-        "| lookup | history rows | load | heap | indexes | batch | lookup median (runs) "
-        "| per event | load avg |"
+        "| lookup | history rows | load | heap | indexes | batch | wall, median (runs) "
+        "| wall per event | CPU, median | CPU per event | load avg |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for loaded, t in results:
         runs = ", ".join(f"{r:.2f}" for r in t.runs)
         print(
@@ -534,18 +601,18 @@ def main() -> None:
                 else "- | - | -"
             )
             + f" | {t.case} | {t.median:.2f} s ({runs}) | {t.median / t.batch * 1e6:.1f} µs "
-            f"| {t.load:.1f} |"
+            f"| {t.cpu:.2f} s | {t.cpu / t.batch * 1e6:.1f} µs | {t.load:.1f} |"
         )
     print()
     print(
         "| history rows | planner setting | plan | wall | planning | execution "
-        "| other (build, send, parse) |"
+        "| other (build, send, parse) | CPU (here + Postgres) |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for total, e in explained:
         print(
             f"| {total:,} | {e.setting} | {e.scan} | {e.wall_s:.2f} s | {e.planning_ms:.0f} ms "
-            f"| {e.execution_ms:.0f} ms | {e.other_s:.2f} s |"
+            f"| {e.execution_ms:.0f} ms | {e.other_s:.2f} s | {e.cpu_s:.2f} s |"
         )
 
 
