@@ -304,7 +304,9 @@ def _stop_at_postgres(server: LocalPostgres):
     return on_step
 
 
-def test_two_writers_racing_on_the_same_offsets_land_once(crash_pipeline: Pipeline):
+def test_two_writers_racing_on_the_same_offsets_land_once(pipeline: Pipeline):
+    """Lake commits racing: Postgres is not stopped, so the suite's server serves."""
+    crash_pipeline = pipeline
     records = list(_stream(seed=63).records(600))
     ranges = _produce(crash_pipeline, records)
     context = multiprocessing.get_context("spawn")
@@ -380,10 +382,11 @@ def _without_rates(reference: ReferenceData) -> ReferenceData:
 
 
 @pytest.mark.parametrize("first", ["rates present", "rates missing"])
-def test_a_retry_keeps_the_decision_billing_events_committed(crash_pipeline: Pipeline, first: str):
+def test_a_retry_keeps_the_decision_billing_events_committed(pipeline: Pipeline, first: str):
     """Reference data changes between a killed attempt and its retry (a `reference load`
     in between): the retry keeps what billing_events committed, so no event ends in the
     balances but in neither table, or in both."""
+    crash_pipeline = pipeline
     full = _stream(seed=65).reference_data()
     before, after = (full, _without_rates(full))
     if first == "rates missing":
