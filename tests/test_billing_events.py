@@ -21,21 +21,10 @@ from billing_dagster.proration import prorated_charge
 from billing_dagster.synthetic import GeneratedRecord, SyntheticBillingStream
 
 from .conftest import Pipeline
-from .test_ingest_kafka import evaluate_sensor, materialization, materialize
+from .test_ingest_kafka import evaluate_sensor, materialization, materialize, run_batch
 
 NOW = datetime.now(UTC)
 WHEN = NOW - timedelta(minutes=2)
-
-
-def run_batch(pipeline: Pipeline, instance: dg.DagsterInstance, cursor: str | None = None):
-    """One sensor tick and its runs, as the daemon would do; returns metadata and cursor."""
-    requests, cursor, _ = evaluate_sensor(pipeline, instance, cursor)
-    metadata = []
-    for request in requests:
-        result = materialize(pipeline, request, instance)
-        assert result.success
-        metadata.append(materialization(result, "billing_events").metadata)
-    return metadata, cursor
 
 
 def assert_balanced(metadata) -> None:

@@ -454,9 +454,9 @@ def payment_without_event_time(
     return GeneratedRecord(str(customer_id).encode(), json.dumps(body).encode(), "crafted")
 
 
-def run_new_offsets(pipeline: Pipeline, instance: dg.DagsterInstance, cursor: str | None):
-    """One sensor tick and its runs; returns each run's billing_events metadata (oldest
-    log hour first) and the new cursor."""
+def run_batch(pipeline: Pipeline, instance: dg.DagsterInstance, cursor: str | None = None):
+    """One sensor tick and its runs, as the daemon would do; returns each run's
+    billing_events metadata (oldest log hour first) and the new cursor."""
     requests, cursor, _ = evaluate_sensor(pipeline, instance, cursor)
     metadata = []
     for request in requests:
@@ -474,10 +474,10 @@ def redeliver(pipeline: Pipeline, first: datetime, later: list[datetime]) -> tup
     event_id = str(uuid.uuid4())
     record = payment_without_event_time(event_id)
     produce_at(pipeline, [(record, first)])
-    (first_run,), cursor = run_new_offsets(pipeline, instance, None)
+    (first_run,), cursor = run_batch(pipeline, instance, None)
     assert (first_run["accepted"].value, first_run["duplicates"].value) == (1, 0)
     produce_at(pipeline, [(record, at) for at in later])
-    runs, _ = run_new_offsets(pipeline, instance, cursor)
+    runs, _ = run_batch(pipeline, instance, cursor)
     return event_id, runs
 
 
