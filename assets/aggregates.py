@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import dagster as dg
 
-from assets.ingest import BILLING_EVENTS
+from assets.ingest import BILLING_EVENTS, INGEST_POOL
 from assets.quality_checks import QUALITY_CHECK
 from billing_dagster.aggregates import (
     AGGREGATE_TABLES,
@@ -67,6 +67,8 @@ def build_aggregate_assets() -> dg.AssetsDefinition:
     @dg.multi_asset(
         name=AGGREGATES_OP,
         group_name="revenue",
+        # In the lane: a Materialize from the UI must not MERGE beside a batch or compaction.
+        pool=INGEST_POOL,
         specs=[
             dg.AssetSpec(
                 _asset_name(t),

@@ -1,9 +1,23 @@
-import dagster as dg
+from dataclasses import replace
 
+import dagster as dg
+from dagster._core.storage.tags import RETRY_ON_ASSET_OR_OP_FAILURE_TAG
+
+from billing_dagster.circuit_breaker import (
+    BREAKER_RULE_TAG,
+    BREAKER_TAG,
+    HELD,
+    RELEASE,
+    CircuitBreakerOpenError,
+)
 from billing_dagster.contract import BILLING_EVENTS_TABLE, QUARANTINE_TABLE, RAW_TABLE
+from billing_dagster.decisions import RefusedAfterDecisionError
+from billing_dagster.delta_lake import LakeLocation
 from billing_dagster.enrichment import ReferenceDataError
 from billing_dagster.ingest import IngestReport, ingest_offsets
-from billing_dagster.kafka_io import OffsetsLostError
+from billing_dagster.kafka_io import KafkaClient, OffsetsLostError
+from billing_dagster.log_time import HiddenRecords, RecordingLookup, check_hours
+from billing_dagster.lost_offsets import describe_lost
 from billing_dagster.offsets import (
     OffsetRange,
     TopicResetError,
@@ -14,7 +28,14 @@ from billing_dagster.offsets import (
 )
 from billing_dagster.postgres_db import ServingUnavailableError
 from billing_dagster.quality import import_in_background
+from billing_dagster.schema_registry import SchemaRegistryUnavailableError
 from billing_dagster.serving import ServingGapError
+from billing_dagster.serving_batch import ServingRefusedError
+from billing_dagster.topic_identity import (
+    check_key,
+    check_serving_identity,
+    resolve_generation,
+)
 from resources import (
     BillingRulesResource,
     DeltaLakeResource,
@@ -26,6 +47,10 @@ from resources import (
 INGEST_OP = "ingest_billing_batch"
 #: The job of the ingest lane (its runs carry the billing/ingest tag).
 INGEST_JOB = "ingest_billing_events"
+#: The ingest lane: a Dagster concurrency pool (limit 1 and run granularity in
+#: dev/dagster.yaml) on every step that writes the lake or Postgres or reads them whole, so
+#: the sensor's runs, replays, backfills and UI materializations run one at a time.
+INGEST_POOL = "billing_ingest"
 RAW_BILLING_EVENTS = dg.AssetKey("raw_billing_events")
 BILLING_EVENTS = dg.AssetKey("billing_events")
 CUSTOMER_BALANCES = dg.AssetKey("customer_balances")
@@ -55,6 +80,8 @@ def raw_metadata(report: IngestReport) -> dict[str, object]:
         # Compact "partition:start-end" text reads better in the UI than nested JSON lists.
         "offset_ranges_read": ranges_to_text(report.plan.reads),
         "gaps_covered": ranges_to_json(report.plan.gaps_covered),
+        # Offsets retention deleted before the lake read them: left out, see the warning.
+        "offsets_lost": ranges_to_text(report.plan.lost),
         "processed_up_to": " ".join(f"{p}:{o}" for p, o in sorted(report.processed_up_to.items())),
         "raw_table_version": report.raw_table_version
         if report.raw_table_version is not None
@@ -112,11 +139,73 @@ def serving_metadata(report: IngestReport) -> dict[str, object]:
     }
 
 
+def _held(context: dg.AssetExecutionContext, exc: CircuitBreakerOpenError) -> dg.Failure:
+    """The failure of a held batch, not retried (retrying cannot fix it). The run is tagged
+    so the alert and `release-batch` find it, and so Dagster's run retries skip it."""
+    verdict, worst = exc.verdict, exc.verdict.tripped[0]
+    context.instance.add_run_tags(
+        context.run.run_id,
+        {
+            BREAKER_TAG: HELD,
+            BREAKER_RULE_TAG: verdict.summary()[:200],
+            RETRY_ON_ASSET_OR_OP_FAILURE_TAG: "false",
+        },
+    )
+    return dg.Failure(
+        description=str(exc),
+        metadata={
+            "circuit_breaker": HELD,
+            "rule": worst.rule,
+            "share_percent": str(worst.share(verdict.records)),
+            "failing_records": worst.records,
+            "batch_records": verdict.records,
+            "sample_reason": worst.sample_reason,
+        },
+        allow_retries=False,
+    )
+
+
+def verified_topic_key(
+    client: KafkaClient, location: LakeLocation, serving_url: str, requested: str, default: str
+) -> str:
+    """The topic key this run processes, its Kafka topic ID checked against the one the
+    lake's and Postgres' marks belong to: a recreated topic is refused before anything is
+    read (billing_dagster/topic_identity.py)."""
+    try:
+        topic_id = client.topic_id(requested or default)
+        generation = (
+            check_key(location, requested, topic_id)
+            if requested
+            else resolve_generation(location, default, topic_id)
+        )
+        check_serving_identity(serving_url, generation)
+    except TopicResetError as exc:
+        raise dg.Failure(str(exc), allow_retries=False) from exc
+    except ServingUnavailableError as exc:
+        raise dg.Failure(str(exc)) from exc  # retried: Postgres may be restarting
+    return generation.key
+
+
+def _report_hidden(
+    context: dg.AssetExecutionContext,
+    topic: str,
+    ranges: list[OffsetRange],
+    hidden: list[HiddenRecords],
+) -> None:
+    """A log hour whose time index hides records (billing_dagster/log_time.py): warned
+    about, and a run that would read nothing because of it fails instead of succeeding."""
+    for found in hidden:
+        context.log.warning(found.describe(topic))
+    if hidden and not ranges:
+        raise dg.Failure("; ".join(found.describe(topic) for found in hidden), allow_retries=False)
+
+
 def build_ingest_assets(partitions_def: dg.PartitionsDefinition) -> dg.AssetsDefinition:
     @dg.multi_asset(
         name=INGEST_OP,
         partitions_def=partitions_def,
         group_name="ingest",
+        pool=INGEST_POOL,
         specs=[
             dg.AssetSpec(
                 RAW_BILLING_EVENTS,
@@ -180,6 +269,10 @@ def build_ingest_assets(partitions_def: dg.PartitionsDefinition) -> dg.AssetsDef
             cleaning = billing_rules.cleaning_context(location, kafka.value_format(topic))
         except ReferenceDataError as exc:
             raise dg.Failure(str(exc), allow_retries=False) from exc
+        if context.run.tags.get(BREAKER_TAG) == RELEASE:
+            # An operator released this batch (`billing-dagster release-batch`).
+            cleaning = replace(cleaning, breaker=replace(cleaning.breaker, released=True))
+            context.log.warning("released: the circuit breaker does not hold this batch")
         try:
             migrated = postgres.ensure_migrated()
         except ServingUnavailableError as exc:
@@ -187,18 +280,18 @@ def build_ingest_assets(partitions_def: dg.PartitionsDefinition) -> dg.AssetsDef
         if migrated:
             context.log.info(f"applied migrations: {', '.join(migrated)}")
         with kafka.client() as client:
+            topic = verified_topic_key(client, location, postgres.url, config.topic, kafka.topic)
             if config.ranges:
                 ranges = [OffsetRange(r.partition, r.start, r.end) for r in config.ranges]
             else:
                 hour = parse_hour_key(context.partition_key)
-                ranges = list(
-                    ranges_for_hour(
-                        hour,
-                        lambda moment: client.offsets_for_time(topic, moment),
-                        client.end_offsets(topic),
-                    )
-                )
+                lookup = RecordingLookup(lambda moment: client.offsets_for_time(topic, moment))
+                ends = client.end_offsets(topic)
+                ranges = list(ranges_for_hour(hour, lookup, ends))
                 context.log.info(f"log hour {context.partition_key} is offsets {ranges}")
+                _report_hidden(
+                    context, topic, ranges, check_hours(client, topic, [hour], lookup, ends)
+                )
             try:
                 report = ingest_offsets(
                     client,
@@ -209,9 +302,19 @@ def build_ingest_assets(partitions_def: dg.PartitionsDefinition) -> dg.AssetsDef
                     serving_url=postgres.url,
                     run_id=context.run.run_id,
                 )
-            except (TopicResetError, OffsetsLostError) as exc:
+            except (
+                TopicResetError,
+                OffsetsLostError,
+                ServingRefusedError,
+                RefusedAfterDecisionError,
+            ) as exc:
                 # Retrying cannot fix these; fail at once with the operator's message.
                 raise dg.Failure(str(exc), allow_retries=False) from exc
+            except CircuitBreakerOpenError as exc:
+                raise _held(context, exc) from exc
+            except SchemaRegistryUnavailableError as exc:
+                # An outage says nothing about the records: retried, never quarantined.
+                raise dg.Failure(str(exc)) from exc
             except ServingUnavailableError as exc:
                 # The lake kept its writes; the retry re-applies the batch to Postgres once.
                 raise dg.Failure(str(exc)) from exc
@@ -219,6 +322,11 @@ def build_ingest_assets(partitions_def: dg.PartitionsDefinition) -> dg.AssetsDef
                 # Postgres lost offsets while this run was applying (a restore, a failover):
                 # the retry catches up from billing_events first.
                 raise dg.Failure(str(exc)) from exc
+        if report.plan.lost:
+            lost = {r.partition: (r.start, r.end) for r in report.plan.lost}
+            context.log.warning(
+                "left out, the other partitions went on: " + describe_lost(topic, lost)
+            )
         if report.serving_repair.applied:
             log = context.log.warning if report.serving_repair.repaired else context.log.info
             log(

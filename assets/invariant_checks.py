@@ -7,7 +7,7 @@ failure raises the "Serving Invariant Broken" alert (docs/runbooks/serving-invar
 
 import dagster as dg
 
-from assets.ingest import CUSTOMER_BALANCES, TRANSACTION_HISTORY
+from assets.ingest import CUSTOMER_BALANCES, INGEST_POOL, TRANSACTION_HISTORY
 from billing_dagster.invariants import (
     BALANCES_EQUAL_HISTORY,
     HISTORY_MATCHES_BILLING_EVENTS,
@@ -18,6 +18,7 @@ from billing_dagster.invariants import (
     marks_match_lake,
 )
 from billing_dagster.postgres_db import ServingUnavailableError
+from billing_dagster.topic_identity import current_generation
 from resources import DeltaLakeResource, KafkaResource, PostgresServingResource
 
 
@@ -76,6 +77,8 @@ def build_invariant_checks() -> dg.AssetChecksDefinition:
             ),
         ],
         can_subset=True,
+        # Marks are compared between batches only, whoever launches the check.
+        pool=INGEST_POOL,
     )
     def serving_invariants(
         context: dg.AssetCheckExecutionContext,
@@ -88,13 +91,19 @@ def build_invariant_checks() -> dg.AssetChecksDefinition:
             balances: lambda: balances_equal_history(postgres.url),
             history: lambda: history_matches_billing_events(postgres.url, location),
             marks: lambda: marks_match_lake(
-                postgres.url, location, kafka.topic, _partitions(kafka)
+                postgres.url, location, _topic_key(location, kafka.topic), _partitions(kafka)
             ),
         }
         for key in context.selected_asset_check_keys:
             yield _result(key, evaluations[key])
 
     return serving_invariants
+
+
+def _topic_key(location, topic: str) -> str:
+    """The key the topic's marks are kept under (its current generation, topic_identity.py)."""
+    generation = current_generation(location, topic)
+    return generation.key if generation else topic
 
 
 def _partitions(kafka: KafkaResource) -> list[int]:

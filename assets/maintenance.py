@@ -5,6 +5,7 @@ from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 
+from assets.ingest import INGEST_POOL
 from billing_dagster.aggregates import refresh_aggregates
 from billing_dagster.compaction import acknowledge_compaction, compact_hours, vacuum_table
 from billing_dagster.contract import BILLING_EVENTS_TABLE, QUARANTINE_TABLE, RAW_TABLE
@@ -26,7 +27,11 @@ class VacuumConfig(dg.Config):
     retention_hours: int = 168
 
 
-@dg.op(description="Compact the last finished event hours of raw/ and billing_events/.")
+# Both in the ingest lane: compaction acknowledges its commit only if no batch landed.
+@dg.op(
+    description="Compact the last finished event hours of raw/ and billing_events/.",
+    pool=INGEST_POOL,
+)
 def compact_event_hours(
     context: dg.OpExecutionContext,
     config: CompactionConfig,
@@ -49,7 +54,7 @@ def compact_event_hours(
         )
 
 
-@dg.op(description="Vacuum raw/, billing_events/ and quarantine/.")
+@dg.op(description="Vacuum raw/, billing_events/ and quarantine/.", pool=INGEST_POOL)
 def vacuum_lake_tables(
     context: dg.OpExecutionContext, config: VacuumConfig, lake: DeltaLakeResource
 ) -> None:

@@ -5,7 +5,7 @@ from datetime import UTC, date, datetime
 
 import dagster as dg
 
-from assets.ingest import RAW_BILLING_EVENTS
+from assets.ingest import INGEST_POOL, RAW_BILLING_EVENTS
 from billing_dagster.contract import (
     DISCREPANCIES_TABLE,
     MONTHLY_REPORT_TABLE,
@@ -40,6 +40,8 @@ def build_reconciliation_assets(
         key=DAILY_RECONCILIATION,
         partitions_def=daily,
         group_name="reconciliation",
+        # In the lane, however launched: it never compares a half-applied batch.
+        pool=INGEST_POOL,
         deps=["daily_revenue", "customer_metrics", RAW_BILLING_EVENTS],
         kinds={"polars", "delta"},
         description=(
@@ -151,6 +153,7 @@ def build_oltp_reconciliation_asset(daily: dg.DailyPartitionsDefinition) -> dg.A
         key=OLTP_RECONCILIATION,
         partitions_def=daily,
         group_name="reconciliation",
+        pool=INGEST_POOL,
         deps=["billing_events"],
         kinds={"postgres", "delta"},
         description=(

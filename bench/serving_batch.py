@@ -22,7 +22,8 @@ from machine_info import machine  # bench/ is the script folder, so on sys.path
 
 from billing_dagster.local_infra.postgres import LocalPostgres
 from billing_dagster.postgres_db import migrate
-from billing_dagster.serving import apply_batch, read_balances
+from billing_dagster.serving import read_balances
+from billing_dagster.serving_batch import apply_batch
 
 PARTITIONS = 24
 

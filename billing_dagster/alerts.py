@@ -1,4 +1,5 @@
-"""The reference design's alerts: pure conditions, a connector probe, and notifiers.
+"""The reference design's alerts: pure conditions and a connector probe (notifiers.py
+sends them).
 
 Conditions take measured values and return an `Alert`, firing or not. Notification happens
 on transitions only (an alert starts firing, or resolves), so a sensor evaluating every few
@@ -8,14 +9,13 @@ seconds does not page anyone twice for the same incident.
 from __future__ import annotations
 
 import json
-import logging
-import urllib.error
-import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Protocol
+
+from billing_dagster.connector_probe import ConnectorStatus
+from billing_dagster.redaction import redact_text
 
 
 @dataclass(frozen=True)
@@ -34,19 +34,63 @@ class Alert:
     details: dict[str, object] = field(default_factory=dict)
 
 
-def consumer_lag_alert(lag_by_partition: Mapping[int, int], threshold: int = 10_000) -> Alert:
+def consumer_lag_alert(
+    lag_by_partition: Mapping[int, int],
+    threshold: int = 10_000,
+    *,
+    lost: Mapping[int, tuple[int, int]] | None = None,
+    acknowledged_gaps: int = 0,
+) -> Alert:
+    """`lost`: {partition: (lake mark, low watermark)}, offsets retention deleted before
+    the lake read them (not in the lag: they can never be read); `acknowledged_gaps`:
+    offsets an operator acknowledged as lost, ever."""
     total = sum(lag_by_partition.values())
     worst = sorted(lag_by_partition.items(), key=lambda item: -item[1])[:5]
+    lost_count = sum(low - mark for mark, low in (lost or {}).values())
+    summary = f"consumer lag {total:,} records (threshold {threshold:,})"
+    if lost_count:
+        summary += f"; {lost_count:,} offsets lost to retention, not acknowledged"
+    if acknowledged_gaps:
+        summary += f"; {acknowledged_gaps:,} lost offsets acknowledged"
     return Alert(
         name="consumer_lag",
         title="High Billing Event Lag",
         severity="critical",
         firing=total > threshold,
-        summary=f"consumer lag {total:,} records (threshold {threshold:,})",
+        summary=summary,
         value=total,
         threshold=threshold,
         runbook="consumer-lag.md",
-        details={"worst_partitions": {str(p): lag for p, lag in worst if lag}},
+        details={
+            "worst_partitions": {str(p): lag for p, lag in worst if lag},
+            "lost_offsets": {str(p): f"{m}-{low}" for p, (m, low) in sorted((lost or {}).items())},
+            "acknowledged_gap_offsets": acknowledged_gaps,
+        },
+    )
+
+
+def offsets_lost_alert(lost: Mapping[int, tuple[int, int]], *, topic: str) -> Alert:
+    """Fires while a partition has offsets retention deleted before the lake read them and
+    no operator has acknowledged (`lost`: {partition: (lake mark, low watermark)}): that
+    partition is not processed until then."""
+    ranges = ", ".join(f"{p}:{m}-{low}" for p, (m, low) in sorted(lost.items()))
+    count = sum(low - m for m, low in lost.values())
+    return Alert(
+        name="offsets_lost",
+        title="Offsets Lost",
+        severity="critical",
+        firing=bool(lost),
+        summary=(
+            f"{count:,} offsets of {topic} deleted by retention before processing, on "
+            f"partitions (partition:from-to) {ranges}; those partitions are stopped until "
+            "the loss is acknowledged"
+            if lost
+            else f"every partition of {topic} is readable from the lake's marks"
+        ),
+        value=count,
+        threshold=0,
+        runbook="offsets-lost.md",
+        details={"lost": ranges, "partitions": sorted(lost)},
     )
 
 
@@ -78,13 +122,6 @@ def reconciliation_alert(
         runbook="reconciliation-mismatch.md",
         details={"date": date, "worst": worst},
     )
-
-
-@dataclass(frozen=True)
-class ConnectorStatus:
-    #: RUNNING, FAILED, PAUSED, UNASSIGNED, DOWN or UNREACHABLE.
-    state: str
-    detail: str = ""
 
 
 def connector_alert(status: ConnectorStatus | None) -> Alert:
@@ -185,52 +222,118 @@ def invariant_alert(failures: Mapping[str, str]) -> Alert:
     )
 
 
-def _first_line(text: str) -> str:
-    return (text or "").strip().splitlines()[0][:300] if (text or "").strip() else ""
+@dataclass(frozen=True)
+class FinishedRun:
+    """A finished run of the ingest lane, as "Ingest Run Failed" sees it."""
+
+    run_id: str
+    #: "ingest" for every run that ingests offsets (the sensor's, a replay, a UI
+    #: Materialize); else the lane's other kinds: reconcile, invariants, maintenance.
+    kind: str
+    succeeded: bool
+    ended_at: datetime
+    #: Why it failed, first line ("" for a success).
+    message: str = ""
 
 
-def probe_connector(url: str, timeout_s: float = 5.0) -> ConnectorStatus:
-    """Kafka Connect `/connectors/<name>/status` or Debezium Server `/q/health`; never
-    raises for an unreachable or unreadable endpoint."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:
-            body = json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        if exc.code == 503:  # Quarkus health answers DOWN with 503 and a JSON body
-            try:
-                body = json.loads(exc.read())
-            except ValueError:
-                return ConnectorStatus("UNREACHABLE", f"HTTP 503 from {url}")
-        else:
-            return ConnectorStatus("UNREACHABLE", f"HTTP {exc.code} from {url}")
-    except (urllib.error.URLError, TimeoutError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        return ConnectorStatus("UNREACHABLE", f"{url}: {reason}")
-    except ValueError:
-        return ConnectorStatus("UNREACHABLE", f"{url} did not answer JSON")
-    if isinstance(body, dict) and "connector" in body:
-        connector = body.get("connector") or {}
-        if connector.get("state") != "RUNNING":
-            return ConnectorStatus(
-                str(connector.get("state", "UNKNOWN")), _first_line(connector.get("trace", ""))
-            )
-        tasks = body.get("tasks") or []
-        if not tasks:  # started but not yet (or no longer) assigned: nothing is captured
-            return ConnectorStatus("UNASSIGNED", "the connector has no task")
-        for task in tasks:
-            if task.get("state") != "RUNNING":
-                trace = _first_line(task.get("trace", ""))
-                return ConnectorStatus(
-                    str(task.get("state", "UNKNOWN")),
-                    f"task {task.get('id')}" + (f": {trace}" if trace else ""),
-                )
-        return ConnectorStatus("RUNNING")
-    if isinstance(body, dict) and "status" in body:
-        if body["status"] == "UP":
-            return ConnectorStatus("RUNNING")
-        failing = [c.get("name", "?") for c in body.get("checks", []) if c.get("status") != "UP"]
-        return ConnectorStatus("DOWN", "failing checks: " + ", ".join(failing) if failing else "")
-    return ConnectorStatus("UNREACHABLE", f"{url} answered JSON that is not a connector status")
+def ingest_run_failed_alert(
+    runs: Sequence[FinishedRun], *, now: datetime, window_minutes: int
+) -> Alert:
+    """A run of the lane failed in the last `window_minutes` and no later success of the
+    same kind covers it: a later ingest run starts at the lake's offsets, so it takes
+    what a failed one left; a later reconciliation redoes the day."""
+    recent = [r for r in runs if r.ended_at >= now - timedelta(minutes=window_minutes)]
+
+    def covered(failure: FinishedRun) -> bool:
+        return any(
+            r.succeeded and r.kind == failure.kind and r.ended_at > failure.ended_at for r in recent
+        )
+
+    failed = sorted(
+        (r for r in recent if not r.succeeded and not covered(r)),
+        key=lambda r: r.ended_at,
+        reverse=True,
+    )
+    if failed:
+        last = failed[0]
+        others = f" ({len(failed) - 1} more uncovered failure(s))" if len(failed) > 1 else ""
+        summary = (
+            f"{last.kind} run {last.run_id} failed at {last.ended_at:%Y-%m-%d %H:%M:%S} UTC: "
+            f"{redact_text(last.message) or 'no failure message'}{others}"
+        )
+    else:
+        summary = f"no ingest lane failure without a later success in {window_minutes} min"
+    return Alert(
+        name="ingest_run_failed",
+        title="Ingest Run Failed",
+        severity="high",
+        firing=bool(failed),
+        summary=summary,
+        value=len(failed),
+        threshold=0,
+        runbook="ingest-run-failed.md",
+        details={
+            "failed_runs": [
+                {
+                    "run_id": f.run_id,
+                    "kind": f.kind,
+                    "ended_at": f.ended_at.isoformat(),
+                    "message": redact_text(f.message),
+                }
+                for f in failed[:10]
+            ]
+        },
+    )
+
+
+def ingest_stalled_alert(
+    lag: int, progress_at: datetime, *, now: datetime, stall_minutes: int
+) -> Alert:
+    """No committed lake progress for `stall_minutes` while `lag` records wait.
+    `progress_at`: when the lake's offsets last moved or it last had nothing to read
+    (alert_state.track_progress), so a quiet topic never counts as stalled."""
+    idle_minutes = int((now - progress_at).total_seconds() // 60)
+    firing = lag > 0 and now - progress_at >= timedelta(minutes=stall_minutes)
+    if firing:
+        summary = (
+            f"no ingest progress into the lake for {idle_minutes} min with {lag:,} records "
+            f"waiting (threshold {stall_minutes} min)"
+        )
+    else:
+        summary = f"ingest progressing: {lag:,} records waiting, lake moved {idle_minutes} min ago"
+    return Alert(
+        name="ingest_stalled",
+        title="Ingest Stalled",
+        severity="critical",
+        firing=firing,
+        summary=summary,
+        value=idle_minutes,
+        threshold=stall_minutes,
+        runbook="ingest-stalled.md",
+        details={"lag": lag, "last_progress_at": progress_at.isoformat()},
+    )
+
+
+def circuit_breaker_alert(held: Mapping[str, str]) -> Alert:
+    """`held`: ingest runs the circuit breaker held with no successful ingest run since,
+    run id -> what tripped it (`circuit_breaker.open_holds`). Their batches are in no
+    store until the cause is fixed or an operator releases them."""
+    shown = "; ".join(f"run {run_id[:8]}: {what}" for run_id, what in held.items())
+    return Alert(
+        name="ingest_circuit_breaker",
+        title="Ingest Circuit Breaker Open",
+        severity="critical",
+        firing=bool(held),
+        summary=(
+            f"ingest batch held by the circuit breaker, nothing of it committed ({shown})"
+            if held
+            else "no ingest batch held by the circuit breaker"
+        ),
+        value=len(held),
+        threshold=0,
+        runbook="ingest-circuit-breaker.md",
+        details={"held_runs": dict(held)},
+    )
 
 
 # ---- transitions ------------------------------------------------------------------------
@@ -253,88 +356,3 @@ def load_state(cursor: str | None) -> dict[str, bool]:
     except ValueError:
         return {}
     return {str(k): bool(v) for k, v in state.items()} if isinstance(state, dict) else {}
-
-
-# ---- notifiers --------------------------------------------------------------------------
-
-
-class NotificationError(RuntimeError):
-    """A notifier could not deliver; the message names where it tried."""
-
-
-class Notifier(Protocol):
-    def notify(self, alert: Alert) -> None: ...
-
-
-def runbook_link(alert: Alert, base_url: str) -> str:
-    return base_url.rstrip("/") + "/" + alert.runbook
-
-
-def _json_value(value: object) -> object:
-    return str(value) if isinstance(value, Decimal) else value
-
-
-def alert_payload(alert: Alert, base_url: str) -> dict[str, object]:
-    return {
-        "alert": alert.name,
-        "title": alert.title,
-        "severity": alert.severity,
-        "status": "firing" if alert.firing else "resolved",
-        "summary": alert.summary,
-        "value": _json_value(alert.value),
-        "threshold": _json_value(alert.threshold),
-        "runbook": runbook_link(alert, base_url),
-        "details": {k: _json_value(v) for k, v in alert.details.items()},
-        "sent_at": datetime.now(UTC).isoformat(),
-    }
-
-
-@dataclass
-class LogNotifier:
-    logger: logging.Logger | logging.LoggerAdapter
-    runbook_base_url: str = "docs/runbooks/"
-
-    def notify(self, alert: Alert) -> None:
-        link = runbook_link(alert, self.runbook_base_url)
-        if alert.firing:
-            self.logger.warning(
-                f"ALERT {alert.title} [{alert.severity}]: {alert.summary}; runbook {link}"
-            )
-        else:
-            self.logger.info(f"RESOLVED {alert.title}: {alert.summary}")
-
-
-@dataclass
-class WebhookNotifier:
-    url: str
-    runbook_base_url: str = "docs/runbooks/"
-    timeout_s: float = 5.0
-
-    def notify(self, alert: Alert) -> None:
-        body = json.dumps(alert_payload(alert, self.runbook_base_url)).encode()
-        request = urllib.request.Request(
-            self.url, data=body, headers={"Content-Type": "application/json"}, method="POST"
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                if not 200 <= response.status < 300:
-                    raise NotificationError(f"webhook {self.url} answered HTTP {response.status}")
-        except urllib.error.HTTPError as exc:
-            raise NotificationError(f"webhook {self.url} answered HTTP {exc.code}") from None
-        except (urllib.error.URLError, TimeoutError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise NotificationError(
-                f"cannot deliver alert to webhook {self.url}: {reason}"
-            ) from None
-
-
-def notify_all(notifiers: Sequence[Notifier], alerts: Sequence[Alert]) -> list[str]:
-    """Every alert to every notifier; a failing notifier does not stop the others."""
-    errors = []
-    for alert in alerts:
-        for notifier in notifiers:
-            try:
-                notifier.notify(alert)
-            except NotificationError as exc:
-                errors.append(str(exc))
-    return errors

@@ -5,6 +5,10 @@ object-container block, with the writer schema from the registry, and read by Po
 one call: no Python dict per event. A schema the contract cannot read (a required field
 missing or of another type) sends its records to quarantine with the schema id named; an
 undecodable body is isolated the same way JSON failures are (split, then screen).
+
+Only the registry saying a schema id does not exist makes that id's records a per-record
+reject (`schema:unknown`); any other registry error fails the batch, to be retried
+(schema_registry.py).
 """
 
 from __future__ import annotations
@@ -12,7 +16,6 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Mapping
-from functools import cache
 
 import fastavro
 import polars as pl
@@ -33,29 +36,14 @@ from billing_dagster.decoding import (
     decode_isolating_failures,
     failures_frame,
 )
+from billing_dagster.schema_registry import SchemaNotFoundError, registry_client
+
+# Importable from here, where it lived before schema_registry.py.
+from billing_dagster.schema_registry import SchemaRegistrySource as SchemaRegistrySource
 
 MAGIC_BYTE = 0
 HEADER_BYTES = 5
 _SYNC = b"billing-dagster!"  # any 16 bytes: the block is ours, read once, never stored
-
-
-class SchemaRegistrySource:
-    """Schema texts by id from a Confluent Schema Registry (`mock://` works in-process)."""
-
-    def __init__(self, url: str) -> None:
-        self.client = registry_client(url)
-
-    def schema_text(self, schema_id: int) -> str:
-        return self.client.get_schema(schema_id).schema_str
-
-
-@cache
-def registry_client(url: str):
-    """One client per URL and process: it caches schemas, and a `mock://` registry only
-    exists inside the client object that holds it."""
-    from confluent_kafka.schema_registry import SchemaRegistryClient
-
-    return SchemaRegistryClient.new_client({"url": url})
 
 
 # ---- what the contract needs of a writer schema ---------------------------------------
@@ -277,13 +265,31 @@ def decode_avro_wire(
 def _writer_schema(
     registry: SchemaSource, schema_id: int
 ) -> tuple[Failure | None, dict[str, object]]:
+    """The writer schema of `schema_id`, or why its records are rejected. Only a registry
+    that answers "no such id" rejects them; any other error propagates and fails the
+    attempt (SchemaRegistrySource raises SchemaRegistryUnavailableError)."""
     try:
-        schema = json.loads(registry.schema_text(schema_id))
-    except Exception as exc:
+        text = registry.schema_text(schema_id)
+    except SchemaNotFoundError as exc:
         return (
             "schema",
             "schema:unknown",
             f"schema id {schema_id} is not in the registry ({exc})",
+        ), {}
+    try:
+        schema = json.loads(text)
+    except ValueError:
+        # The registry answered: the id names a schema that is not Avro (Protobuf, say).
+        return (
+            "schema",
+            "schema:incompatible",
+            f"schema id {schema_id}: writer schema is not an Avro JSON schema",
+        ), {}
+    if not isinstance(schema, dict):
+        return (
+            "schema",
+            "schema:incompatible",
+            f"schema id {schema_id}: writer schema is not an Avro record",
         ), {}
     problem = incompatibility(schema)
     if problem is not None:

@@ -30,6 +30,7 @@ from billing_dagster.decoding import (
     json_decode,
     screen_json,
 )
+from billing_dagster.json_text import as_text, screen_structure
 
 BILLING_EVENT_TABLES = ("transactions", "payments", "refunds")
 REFERENCE_TABLES = ("subscriptions", "invoices")
@@ -85,11 +86,12 @@ def _json_object(*pairs: tuple[str, pl.Expr]) -> pl.Expr:
 
 def decode_debezium_wire(records: pl.DataFrame) -> tuple[pl.Series, pl.DataFrame]:
     failures: dict[int, Failure] = {}
-    envelopes = decode_isolating_failures(records["value"], DEBEZIUM_DECODER, failures)
+    # Too deep, or a lone surrogate escape: set aside before the decoders (json_text.py).
+    text = screen_structure(as_text(records["value"]), failures)
+    envelopes = decode_isolating_failures(text, DEBEZIUM_DECODER, failures)
     for index in envelopes.is_null().arg_true().to_list():
-        failures.setdefault(
-            index, screen_json(records["value"][index], ()) or DEBEZIUM_DECODER.fallback
-        )
+        if index not in failures:
+            failures[index] = screen_json(records["value"][index], ()) or DEBEZIUM_DECODER.fallback
 
     frame = pl.DataFrame({"_env": envelopes}).with_row_index("_row")
     after = _envelope("after")

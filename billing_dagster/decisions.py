@@ -70,3 +70,44 @@ def keep_decisions(
             [cleaned.quarantine.join(positions, on=_POSITION, how="anti"), late_quarantine]
         ),
     )
+
+
+class RefusedAfterDecisionError(RuntimeError):
+    """Postgres refuses rows at offsets billing_events has already decided."""
+
+
+def set_aside_refused(
+    cleaned: CleanedBatch,
+    events: pl.DataFrame,
+    refused: pl.DataFrame,
+    decided: Mapping[int, int | None],
+    *,
+    run_id: str,
+    now: datetime,
+) -> CleanedBatch:
+    """Move the accepted rows Postgres refused (`refused`: position, rule, reason; see
+    serving_batch.py) to quarantine, before billing_events decides. `decided`: per
+    partition, billing_events' mark in the batch's snapshot: a row below it is decided
+    already and cannot be set aside any more."""
+    if refused.is_empty():
+        return cleaned
+    late = refused.filter(_in_decided({p: m for p, m in decided.items() if m is not None}))
+    if not late.is_empty():
+        raise RefusedAfterDecisionError(
+            "Postgres refuses rows billing_events has already accepted: "
+            + "; ".join(f"{p}:{o} {reason}" for p, o, _, reason in late.head(3).iter_rows())
+            + ". Fix the serving schema (docs/serving.md) and the run's retry applies them."
+        )
+    quarantined = quarantine_rows(
+        events.join(refused, on=_POSITION, how="inner").with_columns(
+            stage=pl.lit("serving"),
+            rules=pl.concat_list(pl.col("rule")),
+        ),
+        run_id=run_id,
+        now=now,
+    )
+    return CleanedBatch(
+        accepted=cleaned.accepted.join(refused.select(_POSITION), on=_POSITION, how="anti"),
+        duplicates=cleaned.duplicates,
+        quarantine=pl.concat([cleaned.quarantine, quarantined]),
+    )

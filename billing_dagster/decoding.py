@@ -10,12 +10,15 @@ value is not UTF-8, not JSON, or has an object where a scalar belongs) is the ba
 screened row by row with Python's json module and their good rows decoded together. Good
 records always go through the vectorised decoder; the Python screen sees at most 64 rows
 per bad record.
+
+Records larger than the record limit are quarantined on their size before any encoding
+sees them; JSON text is screened for nesting and lone surrogates before its decode, and
+its numbers are taken as written after it (json_text.py).
 """
 
 from __future__ import annotations
 
 import enum
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -31,10 +34,24 @@ from billing_dagster.contract import (
     MONEY,
     QUARANTINE_SCHEMA,
     RAW_EVENT_SCHEMA,
-    WIRE_FIELDS,
     WIRE_STRUCT,
 )
-from billing_dagster.rules import CONTRACT_RULES, apply_rules, parse_timestamp
+from billing_dagster.json_text import (
+    Failure,
+    as_text,
+    exact_numbers,
+    screen_json,
+    screen_structure,
+)
+from billing_dagster.rules import (
+    DEFAULT_LIMITS,
+    ContractLimits,
+    apply_rules,
+    contract_rules,
+    parse_timestamp,
+)
+
+__all__ = ["Failure", "screen_json"]  # re-exported for the other encodings
 
 
 class SchemaSource(Protocol):
@@ -66,10 +83,6 @@ class ValueFormat(enum.StrEnum):
     DEBEZIUM_JSON = "debezium-json"
 
 
-#: Why a record failed before the contract rules could look at it: stage, rule, reason.
-Failure = tuple[str, str, str]
-
-
 def json_decode(values: pl.Series, dtype: pl.DataType = WIRE_STRUCT) -> pl.Series:
     text = values.cast(pl.String)
     # An empty string would be skipped like a blank NDJSON line, shifting every row after it.
@@ -78,43 +91,6 @@ def json_decode(values: pl.Series, dtype: pl.DataType = WIRE_STRUCT) -> pl.Serie
     if decoded.len() != values.len():
         raise pl.exceptions.ComputeError("decoded row count differs from input")
     return decoded
-
-
-def screen_json(
-    value: bytes | None, scalar_fields: tuple[str, ...] = WIRE_FIELDS
-) -> Failure | None:
-    """Why one record cannot decode, in words an operator can act on; None if it can."""
-    if not value:
-        return "decode", "empty_value", "record has no value (tombstone or empty message)"
-    try:
-        text = value.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return "decode", "utf8", f"value is not valid UTF-8 ({exc.reason} at byte {exc.start})"
-    if not text.strip():
-        return "decode", "empty_value", "record value is blank"
-    try:
-        document = json.loads(text, parse_constant=_refuse_constant)
-    except ValueError as exc:
-        if not isinstance(exc, json.JSONDecodeError):
-            return "decode", "json", f"value is not valid JSON ({exc})"
-        where = f"line {exc.lineno} column {exc.colno}"
-        return "decode", "json", f"value is not valid JSON ({exc.msg} at {where})"
-    if not isinstance(document, dict):
-        kind = "null" if document is None else type(document).__name__
-        return "decode", "json_object", f"value is a JSON {kind}, expected an object"
-    for name in scalar_fields:
-        if isinstance(document.get(name), dict | list):
-            return (
-                "decode",
-                "field_type",
-                f"field {name} must be a scalar value, got a JSON structure",
-            )
-    return None
-
-
-def _refuse_constant(name: str) -> None:
-    # Python's json accepts NaN and Infinity; JSON (and Polars) do not.
-    raise ValueError(f"{name} is not a JSON value")
 
 
 #: A batch that does not decode in one call is cut into segments of this many rows, each
@@ -187,7 +163,9 @@ def _locate_failures(
         except pl.exceptions.PolarsError:
             pass
         for index, value in enumerate(segment.to_list()):
-            problem = decoder.screen(value)
+            # A null decodes to a null struct; its caller says why it is null (a tombstone,
+            # text that is not UTF-8, a record set aside before decoding).
+            problem = None if value is None else decoder.screen(value)
             if problem is None:
                 screened_good.append(first + index)
             else:
@@ -267,10 +245,14 @@ def decode_json_wire(
 ) -> tuple[pl.Series, pl.DataFrame]:
     """The plain JSON contract encoding: one JSON object per record value."""
     failures: dict[int, Failure] = {}
-    wire = decode_isolating_failures(records["value"], JSON_DECODER, failures)
+    text = screen_structure(as_text(records["value"]), failures)
+    wire = decode_isolating_failures(text, JSON_DECODER, failures)
     # A JSON null (or an empty record) decodes without error to a null struct.
     for index in wire.is_null().arg_true().to_list():
-        failures.setdefault(index, screen_json(records["value"][index]) or JSON_DECODER.fallback)
+        if index not in failures:  # a record set aside is not parsed again
+            failures[index] = screen_json(records["value"][index]) or JSON_DECODER.fallback
+    # Money and customer_id as the producer wrote them, not as a float made them.
+    wire = exact_numbers(text, wire, failures)
     return wire, failures_frame(failures)
 
 
@@ -281,25 +263,57 @@ def decode_records(
     registry: SchemaSource | None = None,
     run_id: str,
     now: datetime,
+    limits: ContractLimits = DEFAULT_LIMITS,
 ) -> DecodedBatch:
     """Decode one batch of Kafka records; every record ends up in exactly one output."""
     records = records.select(
         [pl.col(name).cast(dtype) for name, dtype in KAFKA_RECORD_SCHEMA.items()]
     )
+    # Oversized values are judged on their size alone: no decoder ever sees them.
+    oversized = _oversized(records, limits.max_record_bytes)
+    decodable = records
+    if oversized.height:
+        decodable = records.with_columns(
+            value=pl.when(pl.col("value").bin.size() <= limits.max_record_bytes).then(
+                pl.col("value")
+            )
+        )
     value_format = ValueFormat(value_format)
     if value_format is ValueFormat.AVRO:
         if registry is None:
             raise ValueError("Avro topics need a schema registry")
         from billing_dagster.avro_format import decode_avro_wire
 
-        wire, failed = decode_avro_wire(records, registry)
+        wire, failed = decode_avro_wire(decodable, registry)
     elif value_format is ValueFormat.DEBEZIUM_JSON:
         from billing_dagster.debezium import decode_debezium_wire
 
-        wire, failed = decode_debezium_wire(records)
+        wire, failed = decode_debezium_wire(decodable)
     else:
-        wire, failed = decode_json_wire(records)
-    return finish_decoding(records, wire, failed, run_id=run_id, now=now)
+        wire, failed = decode_json_wire(decodable)
+    if oversized.height:
+        failed = pl.concat([oversized, failed]).unique("_row", keep="first", maintain_order=True)
+    return finish_decoding(records, wire, failed, run_id=run_id, now=now, limits=limits)
+
+
+def _oversized(records: pl.DataFrame, max_bytes: int) -> pl.DataFrame:
+    """Failures (FAILURE_SCHEMA) of the record values larger than `max_bytes`."""
+    size = pl.col("value").bin.size()
+    return (
+        records.select(pl.int_range(pl.len(), dtype=pl.UInt32).alias("_row"), size.alias("_size"))
+        .filter(pl.col("_size") > max_bytes)
+        .select(
+            "_row",
+            _fail_stage=pl.lit("decode"),
+            _fail_rule=pl.lit("limit:record_bytes"),
+            _fail_reason=pl.format(
+                f"record value is {{}} bytes, more than the {max_bytes} allowed "
+                "(BILLING_MAX_RECORD_BYTES); it was not decoded",
+                pl.col("_size"),
+            ),
+        )
+        .cast(FAILURE_SCHEMA)
+    )
 
 
 def decode_json_records(records: pl.DataFrame, *, run_id: str, now: datetime) -> DecodedBatch:
@@ -313,11 +327,12 @@ def finish_decoding(
     *,
     run_id: str,
     now: datetime,
+    limits: ContractLimits = DEFAULT_LIMITS,
 ) -> DecodedBatch:
     """Contract rules over the wire text, then typed events and quarantine rows."""
     checked = apply_rules(
         records.with_row_index("_row").with_columns(wire.alias("_wire")).unnest("_wire"),
-        CONTRACT_RULES,
+        contract_rules(limits),
     ).join(failed, on="_row", how="left")
     failed_early = pl.col("_fail_rule").is_not_null()
     checked = checked.with_columns(

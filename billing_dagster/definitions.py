@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dagster as dg
+from dagster._core.storage.tags import MAX_RUNTIME_SECONDS_TAG
 
 from assets.aggregates import build_aggregate_assets
 from assets.ingest import INGEST_JOB, INGEST_OP, build_ingest_assets
@@ -30,6 +31,9 @@ INGEST_CONCURRENCY_TAG = "billing/ingest"
 #: Its values on runs that ingest (the live sensor's, replays and backfills); the lane's
 #: other runs are "reconcile", "invariants" and "maintenance".
 INGEST_KINDS = ("kafka", "replay")
+# The lane itself is the concurrency pool assets.ingest.INGEST_POOL on its steps (limit 1,
+# run granularity, dev/dagster.yaml): it also holds runs without the tag (UI
+# materializations and backfills, reruns). The tag stays: it names the kind of run.
 
 
 def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
@@ -63,6 +67,7 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
             runbook_base_url=settings.runbook_base_url,
             cdc_status_url=settings.cdc_status_url,
             lag_threshold=settings.lag_alert_threshold,
+            stall_alert_minutes=settings.stall_alert_minutes,
             validation_failure_percent=str(settings.validation_alert_pct),
         ),
         "billing_rules": BillingRulesResource(
@@ -70,6 +75,11 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
             max_future_skew_seconds=settings.max_future_skew_s,
             schema_registry_url=settings.schema_registry_url,
             dedupe_horizon_days=settings.dedupe_horizon_days,
+            circuit_breaker_percent=str(settings.circuit_breaker_pct),
+            circuit_breaker_min_records=settings.circuit_breaker_min_records,
+            max_event_id_length=settings.max_event_id_length,
+            max_metadata_bytes=settings.max_metadata_bytes,
+            max_record_bytes=settings.max_record_bytes,
         ),
     }
 
@@ -77,6 +87,9 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
 def build_definitions(settings: Settings) -> dg.Definitions:
     partitions = log_hour_partitions(settings.partitions_start)
     ingest_assets = build_ingest_assets(partitions)
+    # Run monitoring (dev/dagster.yaml) fails a lane run stranded longer than this (its
+    # worker died with the code server, which DefaultRunLauncher cannot health-check).
+    max_runtime = {MAX_RUNTIME_SECONDS_TAG: str(settings.lane_max_runtime_s)}
     aggregate_assets = build_aggregate_assets()
     daily_reconciliation, monthly_report = build_reconciliation_assets(
         day_partitions(settings.partitions_start), month_partitions(settings.partitions_start)
@@ -99,7 +112,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         )
         # Whole-table scans: never on the latency path of a batch.
         - dg.AssetSelection.checks(invariant_checks),
-        tags={INGEST_CONCURRENCY_TAG: "kafka"},
+        tags={INGEST_CONCURRENCY_TAG: "kafka", **max_runtime},
         # In process: separate step processes would only add ~2 s of start-up each.
         executor_def=dg.in_process_executor,
         description=(
@@ -111,7 +124,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         "reconcile_daily_revenue",
         selection=[daily_reconciliation, *oltp_assets],
         # Queued behind ingest runs (same limit): never compares a half-applied batch.
-        tags={INGEST_CONCURRENCY_TAG: "reconcile"},
+        tags={INGEST_CONCURRENCY_TAG: "reconcile", **max_runtime},
         executor_def=dg.in_process_executor,
         description=(
             "Reconcile one day's real-time revenue against the raw lake (and, with "
@@ -122,7 +135,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         "check_serving_invariants",
         selection=dg.AssetSelection.checks(invariant_checks),
         # In the ingest lane: the marks are compared between batches, never during one.
-        tags={INGEST_CONCURRENCY_TAG: "invariants"},
+        tags={INGEST_CONCURRENCY_TAG: "invariants", **max_runtime},
         executor_def=dg.in_process_executor,
         description=(
             "Postgres against the lake: balances = history per customer, history = "
@@ -135,7 +148,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         executor_def=dg.in_process_executor,
         description="The month-end reconciliation report.",
     )
-    maintenance_tags = {INGEST_CONCURRENCY_TAG: "maintenance"}
+    maintenance_tags = {INGEST_CONCURRENCY_TAG: "maintenance", **max_runtime}
 
     # Queued like ingest runs: compaction acknowledges its commit in the aggregates only
     # if no batch landed meanwhile.

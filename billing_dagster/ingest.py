@@ -12,24 +12,18 @@ decided, so it can serve as the dedupe index.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar
 
 import polars as pl
-from deltalake import DeltaTable
 
+from billing_dagster.batch_commit import BatchTables, commit_decisions
+from billing_dagster.circuit_breaker import BreakerPolicy, check_batch
 from billing_dagster.cleaning import CleanedBatch, clean_events
 from billing_dagster.contract import (
-    BILLING_EVENTS_SCHEMA,
     BILLING_EVENTS_TABLE,
     EVENT_HOUR_PARTITIONS,
-    QUARANTINE_PARTITIONS,
-    QUARANTINE_SCHEMA,
-    QUARANTINE_TABLE,
     RAW_EVENT_SCHEMA,
     RAW_TABLE,
 )
@@ -46,11 +40,11 @@ from billing_dagster.delta_lake import (
     LakeLocation,
     append_exactly_once,
     committed_offsets,
-    open_or_create,
     scan_table,
 )
 from billing_dagster.enrichment import ReferenceData
 from billing_dagster.kafka_io import KafkaClient
+from billing_dagster.lost_offsets import read_retained, without_lost
 from billing_dagster.offsets import (
     HOUR_KEY_FORMAT,
     OffsetRange,
@@ -64,11 +58,9 @@ from billing_dagster.projection import (
     committed_events,
     decided_marks,
 )
-from billing_dagster.rules import RETURN_TYPES, ValidationPolicy
-from billing_dagster.serving import ServingResult, apply_batch
+from billing_dagster.rules import DEFAULT_LIMITS, RETURN_TYPES, ContractLimits, ValidationPolicy
+from billing_dagster.serving import ServingResult
 from billing_dagster.timing import PhaseClock
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -81,6 +73,10 @@ class CleaningContext:
     registry: SchemaSource | None = None
     #: How far apart in event time two deliveries of one event_id are still recognised.
     dedupe_horizon: timedelta = DEFAULT_HORIZON
+    #: When one rule's rejects hold the batch instead of going to quarantine.
+    breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
+    #: Sizes past which a record, its event_id or its metadata is quarantined.
+    limits: ContractLimits = DEFAULT_LIMITS
 
 
 @dataclass(frozen=True)
@@ -141,20 +137,6 @@ def first_payments(lake: LakeLocation, events: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-#: The commits of a batch, in order; `on_step` hears each name right after it lands:
-#: "caught_up" after Postgres is brought up to the lake's decided offsets (before the
-#: dedupe lookup), "decided" once the batch is judged and nothing of it is written yet.
-COMMIT_STEPS = (
-    "caught_up",
-    "decided",
-    "billing_events",
-    "quarantine",
-    "postgres",
-    "raw",
-    "consumer_group",
-)
-
-
 def ingest_offsets(
     client: KafkaClient,
     lake: LakeLocation,
@@ -173,19 +155,24 @@ def ingest_offsets(
     now = now or datetime.now(UTC)
     step = on_step or (lambda _name: None)
     clock = PhaseClock()
-    tables = _BatchTables.open(lake)
+    tables = BatchTables.open(lake)
     partitions = sorted({r.partition for r in requested})
     committed = committed_offsets(tables.raw, topic, partitions)
-    ends = client.end_offsets(topic)
+    watermarks = client.watermarks(topic)
+    ends = {p: high for p, (_, high) in watermarks.items()}
     if any(mark is not None for mark in committed.values()):
         check_topic_not_reset(topic, committed, ends)
-    plan = plan_reads(requested, committed)
+    # A partition whose next offset retention deleted is left out (plan.lost, its marks
+    # stay until an operator acknowledges the gap); the others are processed.
+    plan = without_lost(
+        plan_reads(requested, committed), {p: low for p, (low, _) in watermarks.items()}
+    )
     decided = decided_marks(
         lake, topic, sorted(ends), events_table=tables.events, raw_table=tables.raw
     )
     clock.lap("plan")
 
-    records, processed_up_to = client.read(topic, plan.reads)
+    records, processed_up_to, plan = read_retained(client, topic, plan)
     clock.lap("kafka_read")
     decoded = decode_records(
         records,
@@ -193,6 +180,7 @@ def ingest_offsets(
         registry=cleaning.registry,
         run_id=run_id,
         now=now,
+        limits=cleaning.limits,
     )
     clock.lap("decode")
     prior, caught_up = _accepted_before(
@@ -201,10 +189,23 @@ def ingest_offsets(
     clock.lap("dedupe_lookup")
     cleaned = _decide(lake, tables, topic, plan, decoded, prior, cleaning, run_id, now)
     clock.lap("clean")
+    # Before anything is committed: one rule failing much of the batch holds all of it.
+    check_batch(cleaning.breaker, cleaned.quarantine, records, decided, run_id=run_id)
     step("decided")
 
-    accepted, quarantined, serving = _commit_decisions(
-        lake, tables, topic, plan, cleaned, processed_up_to, serving_url, run_id, step, clock
+    cleaned, accepted, quarantined, serving = commit_decisions(
+        lake,
+        tables,
+        topic,
+        plan,
+        decoded,
+        cleaned,
+        processed_up_to,
+        serving_url,
+        run_id,
+        now,
+        step,
+        clock,
     )
     raw = append_exactly_once(
         lake,
@@ -232,26 +233,6 @@ def ingest_offsets(
     if not report.balanced:
         raise AssertionError(f"record accounting does not balance: {report}")
     return report
-
-
-@dataclass
-class _BatchTables:
-    """The snapshots a batch reads its offsets from and commits on top of, so a commit by
-    another writer in between fails Delta's conflict check."""
-
-    raw: DeltaTable
-    quarantine: DeltaTable
-    events: DeltaTable
-
-    @classmethod
-    def open(cls, lake: LakeLocation) -> _BatchTables:
-        return cls(
-            open_or_create(lake, RAW_TABLE, RAW_EVENT_SCHEMA, EVENT_HOUR_PARTITIONS),
-            open_or_create(lake, QUARANTINE_TABLE, QUARANTINE_SCHEMA, QUARANTINE_PARTITIONS),
-            open_or_create(
-                lake, BILLING_EVENTS_TABLE, BILLING_EVENTS_SCHEMA, EVENT_HOUR_PARTITIONS
-            ),
-        )
 
 
 def _accepted_before(
@@ -291,7 +272,7 @@ def _accepted_before(
 
 def _decide(
     lake: LakeLocation,
-    tables: _BatchTables,
+    tables: BatchTables,
     topic: str,
     plan: ReadPlan,
     decoded: DecodedBatch,
@@ -324,82 +305,6 @@ def _decide(
         return cleaned
     committed = committed_events(lake, topic, {p: (starts[p], m) for p, m in earlier.items()})
     return keep_decisions(cleaned, decoded.events, committed, earlier, run_id=run_id, now=now)
-
-
-def _commit_decisions(
-    lake: LakeLocation,
-    tables: _BatchTables,
-    topic: str,
-    plan: ReadPlan,
-    cleaned: CleanedBatch,
-    processed_up_to: dict[int, int],
-    serving_url: str | None,
-    run_id: str,
-    step: Callable[[str], None],
-    clock: PhaseClock,
-) -> tuple[AppendResult, AppendResult, ServingResult | None]:
-    """billing_events first: its commit is the decision, made once per offset (it advances
-    every partition read, even one with nothing accepted). Then quarantine beside the
-    Postgres transaction, which applies exactly the rows billing_events now holds."""
-    accepted = append_exactly_once(
-        lake,
-        BILLING_EVENTS_TABLE,
-        cleaned.accepted,
-        topic=topic,
-        processed_up_to=processed_up_to,
-        partition_by=EVENT_HOUR_PARTITIONS,
-        table=tables.events,
-    )
-    clock.lap("write_billing_events")
-    step("billing_events")
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="serving") as pool:
-        # Independent stores, both waiting on I/O or native code: side by side.
-        applying = (
-            pool.submit(
-                _timed,
-                _apply_to_serving,
-                serving_url,
-                lake,
-                topic,
-                cleaned.accepted,
-                {r.partition: (r.start, processed_up_to[r.partition]) for r in plan.reads},
-                run_id,
-            )
-            if serving_url is not None
-            else None
-        )
-        quarantined = append_exactly_once(
-            lake,
-            QUARANTINE_TABLE,
-            cleaned.quarantine,
-            topic=topic,
-            processed_up_to=processed_up_to if cleaned.quarantine.height else {},
-            partition_by=QUARANTINE_PARTITIONS,
-            table=tables.quarantine,
-        )
-        clock.lap("write_quarantine")
-        step("quarantine")
-        serving = None
-        if applying is not None:
-            serving, serving_s = applying.result()
-            clock.lap("serving_wait")
-            clock.laps["serving (beside the quarantine append)"] = serving_s
-            step("postgres")
-    return accepted, quarantined, serving
-
-
-def _apply_to_serving(
-    url: str,
-    lake: LakeLocation,
-    topic: str,
-    accepted: pl.DataFrame,
-    ranges: dict[int, tuple[int, int]],
-    run_id: str,
-) -> ServingResult:
-    """The batch's committed rows, after any gap below its ranges (a partition Postgres
-    has never seen; a mark lost since the catch-up at the start of the run)."""
-    catch_up(url, lake, topic, {p: start for p, (start, _) in ranges.items()}, run_id=run_id)
-    return apply_batch(url, accepted, topic=topic, ranges=ranges, run_id=run_id)
 
 
 def _report(
@@ -435,12 +340,6 @@ def _report(
         event_hours=tuple(hours.to_list()),
         quarantined_by_rule=dict(by_rule.iter_rows()),
     )
-
-
-def _timed(function: Callable[..., T], *args: object, **kwargs: object) -> tuple[T, float]:
-    started = time.perf_counter()
-    result = function(*args, **kwargs)
-    return result, time.perf_counter() - started
 
 
 def record_origins(lake: LakeLocation, topic: str, origins: dict[int, int]) -> None:

@@ -3,6 +3,11 @@
 Group subscription hands partitions out at the broker's discretion; a micro-batch must
 read exactly the offsets it was asked for, so partitions are assigned explicitly and the
 consumer group is used only to publish committed offsets (lag for ordinary Kafka tools).
+
+Every method takes a topic *key*: the Kafka topic name, or `<name>@<generation>` once a
+recreated topic was adopted (billing_dagster/topic_identity.py). Kafka is asked under the
+name; the records read carry the key in `kafka_topic`, so positions of two topics of the
+same name never collide in the lake or in Postgres.
 """
 
 from __future__ import annotations
@@ -14,8 +19,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import polars as pl
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicCollection, TopicPartition
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
 
 from billing_dagster.contract import KAFKA_RECORD_SCHEMA
 from billing_dagster.offsets import OffsetRange
@@ -43,6 +48,23 @@ class KafkaReadError(RuntimeError):
 
 class OffsetsLostError(KafkaReadError):
     """Offsets were deleted by retention before they were processed; retrying cannot help."""
+
+    def __init__(self, message: str, *, partition: int, offset: int | None) -> None:
+        super().__init__(message)
+        self.partition = partition
+        self.offset = offset
+
+
+#: Kafka topic names cannot contain it, so `<topic>@<n>` names generation n of a topic.
+GENERATION_SEPARATOR = "@"
+#: Broker-assigned times: the log's timestamps then only grow, so an hour of the log is a
+#: contiguous offset range (CreateTime takes whatever the producer says).
+LOG_APPEND_TIME = "LogAppendTime"
+
+
+def kafka_topic_of(key: str) -> str:
+    """The Kafka topic name of a topic key (`billing-events@2` -> `billing-events`)."""
+    return key.split(GENERATION_SEPARATOR, 1)[0]
 
 
 @dataclass(frozen=True)
@@ -82,6 +104,19 @@ class KafkaClient:
     def __init__(self, settings: KafkaSettings) -> None:
         self.settings = settings
         self._consumer = Consumer(_consumer_config(settings))
+        self._admin: AdminClient | None = None
+
+    def _admin_client(self) -> AdminClient:
+        if self._admin is None:
+            self._admin = AdminClient(
+                {
+                    "bootstrap.servers": self.settings.bootstrap_servers,
+                    "logger": LIBRDKAFKA_LOG,
+                    "client.id": self.settings.client_id,
+                    "socket.timeout.ms": int(self.settings.request_timeout_s * 1000),
+                }
+            )
+        return self._admin
 
     def close(self) -> None:
         self._consumer.close()
@@ -93,6 +128,7 @@ class KafkaClient:
         self.close()
 
     def partitions(self, topic: str) -> list[int]:
+        topic = kafka_topic_of(topic)
         try:
             metadata = self._consumer.list_topics(topic, timeout=self.settings.request_timeout_s)
         except KafkaException as exc:
@@ -108,6 +144,7 @@ class KafkaClient:
 
     def watermarks(self, topic: str) -> dict[int, tuple[int, int]]:
         """{partition: (low, high)}: the first retained offset and the next offset to write."""
+        topic = kafka_topic_of(topic)
         result = {}
         for partition in self.partitions(topic):
             deadline = time.monotonic() + self.settings.request_timeout_s
@@ -130,12 +167,56 @@ class KafkaClient:
                     ) from exc
         return result
 
+    def topic_id(self, topic: str) -> str | None:
+        """The topic's Kafka topic ID (base64, as Kafka's tools print it): a topic deleted
+        and created again under the same name gets a new one. None: the broker reports
+        none (an all-zero ID)."""
+        topic = kafka_topic_of(topic)
+        future = self._admin_client().describe_topics(
+            TopicCollection([topic]), request_timeout=self.settings.request_timeout_s
+        )[topic]
+        try:
+            described = future.result(timeout=self.settings.request_timeout_s + 5)
+        except KafkaException as exc:
+            error = exc.args[0]
+            if error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                raise KafkaUnavailableError(
+                    f"topic '{topic}' does not exist on {self.settings.bootstrap_servers}"
+                ) from None
+            raise KafkaUnavailableError(
+                f"cannot describe topic '{topic}' on {self.settings.bootstrap_servers}: {error}"
+            ) from None
+        uuid = described.topic_id
+        if uuid is None or not (
+            uuid.get_most_significant_bits() or uuid.get_least_significant_bits()
+        ):
+            return None
+        return str(uuid)
+
+    def timestamp_type(self, topic: str) -> str | None:
+        """`message.timestamp.type` of the topic (CreateTime or LogAppendTime); None when
+        the broker does not say."""
+        resource = ConfigResource(ResourceType.TOPIC, kafka_topic_of(topic))
+        try:
+            configs = (
+                self._admin_client()
+                .describe_configs([resource], request_timeout=self.settings.request_timeout_s)[
+                    resource
+                ]
+                .result(timeout=self.settings.request_timeout_s + 5)
+            )
+        except KafkaException:
+            return None
+        entry = configs.get("message.timestamp.type")
+        return entry.value if entry is not None else None
+
     def end_offsets(self, topic: str) -> dict[int, int]:
         return {p: high for p, (_, high) in self.watermarks(topic).items()}
 
     def offsets_for_time(self, topic: str, moment: datetime) -> dict[int, int | None]:
         """{partition: first offset whose timestamp >= moment}, None where there is none yet."""
         millis = int(moment.astimezone(UTC).timestamp() * 1000)
+        topic = kafka_topic_of(topic)
         query = [TopicPartition(topic, p, millis) for p in self.partitions(topic)]
         try:
             found = self._consumer.offsets_for_times(query, timeout=self.settings.request_timeout_s)
@@ -152,8 +233,9 @@ class KafkaClient:
 
         Returns the records and, per partition, the offset reading stopped at: the range
         end, or the log end if the log ends sooner (offsets past the log end are not
-        claimed as read).
+        claimed as read). `kafka_topic` of the records is `topic` as given (the key).
         """
+        key, topic = topic, kafka_topic_of(topic)
         pending = {r.partition: r for r in ranges if r.size > 0}
         reached = {p: r.start for p, r in pending.items()}
         columns: dict[str, list] = {name: [] for name in KAFKA_RECORD_SCHEMA}
@@ -185,7 +267,9 @@ class KafkaClient:
                             raise OffsetsLostError(
                                 f"offsets of {topic}/{partition} from {reached.get(partition)} "
                                 "are no longer in Kafka (deleted by retention before they were "
-                                "processed); replay them from their source"
+                                "processed); replay them from their source",
+                                partition=partition,
+                                offset=reached.get(partition),
                             )
                         raise KafkaReadError(f"error reading {topic}/{partition}: {error}")
                     offset = message.offset()
@@ -207,7 +291,7 @@ class KafkaClient:
             consumer.unassign()
         frame = pl.DataFrame(
             {
-                "kafka_topic": pl.repeat(topic, len(offsets), eager=True, dtype=pl.String),
+                "kafka_topic": pl.repeat(key, len(offsets), eager=True, dtype=pl.String),
                 "kafka_partition": pl.Series(partitions, dtype=pl.Int32),
                 "kafka_offset": pl.Series(offsets, dtype=pl.Int64),
                 "kafka_timestamp": pl.Series(stamps, dtype=pl.Int64)
@@ -225,6 +309,7 @@ class KafkaClient:
 
     def commit(self, topic: str, offsets: Mapping[int, int]) -> None:
         """Publish processed offsets to the consumer group (next offset to read)."""
+        topic = kafka_topic_of(topic)
         if offsets:
             self._consumer.commit(
                 offsets=[TopicPartition(topic, p, o) for p, o in offsets.items()],
@@ -232,6 +317,7 @@ class KafkaClient:
             )
 
     def committed(self, topic: str) -> dict[int, int | None]:
+        topic = kafka_topic_of(topic)
         query = [TopicPartition(topic, p) for p in self.partitions(topic)]
         found = self._consumer.committed(query, timeout=self.settings.request_timeout_s)
         return {tp.partition: (None if tp.offset < 0 else tp.offset) for tp in found}
@@ -243,9 +329,15 @@ def ensure_topic(
     *,
     partitions: int = 24,
     retention_ms: int = 7 * 24 * 3600 * 1000,
+    timestamp_type: str = LOG_APPEND_TIME,
     timeout_s: float = 30.0,
 ) -> bool:
-    """Create the topic if it is missing. Returns True when it was created."""
+    """Create the topic if it is missing. Returns True when it was created.
+
+    LogAppendTime by default: the broker stamps each record, so the time index only grows
+    and every log hour maps to the same offsets at any later time (a producer's clock, or
+    one future-dated record, cannot move records out of their hour). CreateTime is for
+    tests that place records in past hours."""
     admin = AdminClient({"bootstrap.servers": bootstrap_servers})
     existing = admin.list_topics(timeout=timeout_s).topics
     if topic in existing:
@@ -256,7 +348,10 @@ def ensure_topic(
                 topic,
                 num_partitions=partitions,
                 replication_factor=1,
-                config={"retention.ms": str(retention_ms)},
+                config={
+                    "retention.ms": str(retention_ms),
+                    "message.timestamp.type": timestamp_type,
+                },
             )
         ],
         operation_timeout=timeout_s,
@@ -282,9 +377,12 @@ def ensure_topic(
 
 
 __all__ = [
+    "GENERATION_SEPARATOR",
+    "LOG_APPEND_TIME",
     "KafkaClient",
     "KafkaReadError",
     "KafkaSettings",
     "KafkaUnavailableError",
     "ensure_topic",
+    "kafka_topic_of",
 ]

@@ -132,6 +132,9 @@ class ReadPlan:
     reads: tuple[OffsetRange, ...]
     already_committed: tuple[OffsetRange, ...]
     gaps_covered: tuple[OffsetRange, ...]
+    #: Requested offsets retention deleted before the lake read them: [lake's mark, low
+    #: watermark) per partition, left out of the reads (billing_dagster/lost_offsets.py).
+    lost: tuple[OffsetRange, ...] = ()
 
     @property
     def size(self) -> int:
@@ -295,3 +298,57 @@ def consumer_lag(
         mark = committed.get(partition)
         lag[partition] = max(0, high - (low if mark is None else max(mark, low)))
     return lag
+
+
+# ---- re-requests of offsets whose run failed --------------------------------------------
+
+#: The first re-request from unchanged lake offsets goes at once; each further one waits
+#: twice as long as the one before, from RETRY_FIRST_DELAY up to RETRY_MAX_DELAY.
+RETRY_FIRST_DELAY = timedelta(seconds=30)
+RETRY_MAX_DELAY = timedelta(minutes=15)
+
+
+@dataclass(frozen=True)
+class RetryState:
+    """Re-requests made since the lake's offsets last moved (kept in the sensor cursor)."""
+
+    #: The lake's committed offsets the re-requests start from ("partition:offset ...").
+    marks: str
+    #: How many re-requests were made from them.
+    attempt: int
+    #: When the last one was made.
+    at: datetime
+
+
+def marks_text(committed: Mapping[int, int | None]) -> str:
+    return " ".join(f"{p}:{o}" for p, o in sorted(committed.items()) if o is not None)
+
+
+def retry_delay(attempt: int) -> timedelta:
+    """The wait after re-request `attempt` (1, 2, ...) before the next one."""
+    doublings = min(max(0, attempt - 1), 20)  # 2**20 x 30 s is far past the maximum
+    return min(RETRY_FIRST_DELAY * 2**doublings, RETRY_MAX_DELAY)
+
+
+def next_retry(
+    previous: RetryState | None, committed: Mapping[int, int | None], now: datetime
+) -> RetryState | None:
+    """The re-request to make now for offsets a failed run left, or None: back off.
+
+    When the lake's offsets moved since the last re-request (some run committed), this is
+    a new failure: the first re-request goes at once. When they did not, the batch keeps
+    failing (a tripped circuit breaker, Postgres down for long): each further re-request
+    waits `retry_delay` longer, so it is not relaunched on every tick."""
+    marks = marks_text(committed)
+    if previous is None or previous.marks != marks:
+        return RetryState(marks, 1, now)
+    if now < previous.at + retry_delay(previous.attempt):
+        return None
+    return RetryState(marks, previous.attempt + 1, now)
+
+
+def retry_run_key(batch: PlannedBatch, retry: RetryState) -> str:
+    """A re-request's run key. The same offsets give the same PlannedBatch.run_key, and
+    Dagster skips a run key it has seen, so a failed run's offsets on a quiet topic would
+    never run again: the attempt and its time make each re-request's key new."""
+    return f"{batch.run_key}:retry-{retry.attempt}-{int(retry.at.timestamp())}"

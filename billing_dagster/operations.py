@@ -13,6 +13,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from billing_dagster.log_time import HiddenRecords
+from billing_dagster.lost_offsets import lost_offsets
 from billing_dagster.offsets import (
     HOUR,
     OffsetLookup,
@@ -39,6 +41,8 @@ class PartitionStatus:
     #: The two stores' own marks (serving None: Postgres out of reach).
     lake: int | None = None
     serving: int | None = None
+    #: Offsets retention deleted before the lake read them, not acknowledged: [lake, low).
+    lost: tuple[int, int] | None = None
 
     @property
     def lag(self) -> int:
@@ -52,6 +56,7 @@ def partition_status(
 ) -> list[PartitionStatus]:
     """`committed`: raw/'s marks; `serving`: Postgres' (None: unknown)."""
     processed = processed_offsets(committed, serving)
+    lost = lost_offsets(committed, {p: low for p, (low, _) in marks.items()})
     return [
         PartitionStatus(
             p,
@@ -60,6 +65,7 @@ def partition_status(
             processed.get(p),
             committed.get(p),
             None if serving is None else serving.get(p, 0),
+            lost.get(p),
         )
         for p, (low, end) in sorted(marks.items())
     ]
@@ -87,6 +93,9 @@ class ReplayPlan:
     start: datetime
     end: datetime
     hours: tuple[HourPlan, ...] = field(default_factory=tuple)
+    #: Hours whose offsets may miss records: the time index is not monotonic there
+    #: (billing_dagster/log_time.py); those records need a replay by offsets.
+    hidden: tuple[HiddenRecords, ...] = ()
 
     @property
     def partition_keys(self) -> list[str]:
@@ -116,6 +125,17 @@ class ReplayPlan:
                     "ranges": [[r.partition, r.start, r.end] for r in h.ranges],
                 }
                 for h in self.hours
+            ],
+            "hidden_records": [
+                {
+                    "partition_key": h.partition_key,
+                    "partition": h.partition,
+                    "offset": h.offset,
+                    "timestamp": h.timestamp.isoformat(),
+                    "next_timestamp": h.next_timestamp.isoformat(),
+                    "replay_offsets": [h.partition, h.offset, h.end],
+                }
+                for h in self.hidden
             ],
         }
 

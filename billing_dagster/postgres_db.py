@@ -13,20 +13,15 @@ from pathlib import Path
 import psycopg2
 import psycopg2.extensions
 
+# One redaction for every configured URL (alerts, settings, here); re-exported for callers.
+from billing_dagster.redaction import redacted as redacted
+
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 _MIGRATION_LOCK = 0x62696C6C  # any constant: serialises concurrent migrators
 
 
 class ServingUnavailableError(RuntimeError):
     """Postgres cannot be reached or failed mid-batch; a retry is safe."""
-
-
-def redacted(url: str) -> str:
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        credentials, host = rest.rsplit("@", 1)
-        return f"{scheme}://{credentials.split(':', 1)[0]}@{host}"
-    return url
 
 
 def first_line(exc: Exception) -> str:

@@ -20,7 +20,8 @@ from deltalake import DeltaTable
 
 from billing_dagster.contract import BILLING_EVENTS_SCHEMA, BILLING_EVENTS_TABLE, RAW_TABLE
 from billing_dagster.delta_lake import LakeLocation, committed_offsets
-from billing_dagster.serving import REPAIR, Ranges, ServingResult, apply_batch, serving_marks
+from billing_dagster.serving import REPAIR, Ranges, ServingResult, serving_marks
+from billing_dagster.serving_batch import apply_batch
 
 
 def decided_marks(

@@ -9,10 +9,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import cache
 
 import polars as pl
 
-from billing_dagster.contract import TRANSACTION_TYPES
+from billing_dagster.contract import TRANSACTION_TYPES, WIRE_FIELDS
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,28 @@ def _present(column: str) -> pl.Expr:
     return _text(column).is_not_null() & (_text(column) != "")
 
 
+#: How much of a value a message quotes: a reason names the value, it does not carry a
+#: megabyte of it into logs and alerts.
+QUOTE_CHARS = 64
+
+#: Unicode control characters (C0, DEL, C1). No contract field has a use for them, and
+#: Postgres cannot store NUL in text at all (COPY fails the whole batch on it).
+CONTROL_CHARACTERS = r"[\x00-\x1f\x7f-\x9f]"
+#: metadata is free text (often JSON): tab, line feed and carriage return are allowed there.
+METADATA_CONTROL_CHARACTERS = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]"
+
+
+def quoted(value: pl.Expr) -> pl.Expr:
+    """`value` made safe to put in a reason: control characters replaced, cut to
+    QUOTE_CHARS characters with an ellipsis."""
+    safe = value.str.replace_all(CONTROL_CHARACTERS, "\ufffd")
+    return (
+        pl.when(safe.str.len_chars() > QUOTE_CHARS)
+        .then(safe.str.slice(0, QUOTE_CHARS) + pl.lit("…"))
+        .otherwise(safe)
+    )
+
+
 def _missing(column: str) -> Rule:
     return Rule(
         name=f"required:{column}",
@@ -42,8 +65,13 @@ def _missing(column: str) -> Rule:
 #: beyond the second are harmless and accepted, "12.300" is 12.30).
 MONEY_PATTERN = r"^-?\d{1,10}(\.\d{1,2}0*|\.0*)?$"
 CUSTOMER_ID_PATTERN = r"^\d{1,18}$"
+#: A number written with an exponent (1e3, 1.5E2, 2e-1): never a contract value.
+EXPONENT_PATTERN = r"^\s*[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+\s*$"
 CURRENCY_PATTERN = r"^[A-Z]{3}$"
 TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%S%.f%#z"
+#: Event times before the Unix epoch are not billing events (year 0 parses as a date).
+#: Judged on the text (years 0000-1969), so the timestamp is not parsed one more time.
+BEFORE_EPOCH_PATTERN = r"^\s*(0\d{3}|1[0-8]\d{2}|19[0-6]\d)-"
 
 
 def parse_timestamp(column: str) -> pl.Expr:
@@ -52,61 +80,176 @@ def parse_timestamp(column: str) -> pl.Expr:
     )
 
 
+def _exponent(column: str) -> pl.Expr:
+    return pl.col(column).str.contains(EXPONENT_PATTERN).fill_null(False)
+
+
 def _money_rule(column: str) -> Rule:
     # Absence is the business of a `required:` rule; this one judges values that are there.
+    # The text is the number as written (decoding.py keeps a JSON number's literal), so
+    # 10.0000000000000001 is refused here rather than rounded through a float.
     return Rule(
         name=f"decimal_12_2:{column}",
-        violated=_present(column) & ~_text(column).str.contains(MONEY_PATTERN),
+        violated=_present(column) & ~_text(column).str.contains(MONEY_PATTERN) & ~_exponent(column),
         message=pl.format(
             f"{column} must be a decimal(12,2) (at most 10 integer and 2 fraction digits), "
             "got '{}'",
-            pl.col(column),
+            quoted(pl.col(column)),
         ),
     )
 
 
-#: Conformance of a decoded record to the BillingEvent contract. Business rules (issue #3:
-#: sign by type, supported currencies, refunds needing a payment) are a separate set.
-CONTRACT_RULES: tuple[Rule, ...] = (
-    _missing("event_id"),
-    _missing("customer_id"),
-    Rule(
-        name="integer:customer_id",
-        violated=_present("customer_id") & ~_text("customer_id").str.contains(CUSTOMER_ID_PATTERN),
-        message=pl.format(
-            "customer_id must be a positive integer, got '{}'", pl.col("customer_id")
+@dataclass(frozen=True)
+class ContractLimits:
+    """Sizes a record and its fields may have (settings BILLING_MAX_EVENT_ID_LENGTH,
+    BILLING_MAX_METADATA_BYTES, BILLING_MAX_RECORD_BYTES)."""
+
+    max_event_id_length: int = 128
+    max_metadata_bytes: int = 64 * 1024
+    #: Larger record values are quarantined before any decoding is attempted.
+    max_record_bytes: int = 1024 * 1024
+
+
+DEFAULT_LIMITS = ContractLimits()
+
+#: How deep arrays and objects may nest in a JSON record (a billing event needs 1; a
+#: Debezium envelope with its schema about 6). Deeper records are quarantined before the
+#: decoders, whose recursion they would exhaust. Not a setting: no producer needs more.
+MAX_NESTING_DEPTH = 64
+
+
+def _control_character_rule() -> Rule:
+    def found(column: str) -> tuple[pl.Expr, pl.Expr]:
+        pattern = METADATA_CONTROL_CHARACTERS if column == "metadata" else CONTROL_CHARACTERS
+        first = pl.col(column).str.extract(f"({pattern})")
+        # The last byte of a C0/DEL/C1 character's UTF-8 form is its code point's low byte.
+        code = first.str.encode("hex").str.slice(-2).str.to_uppercase()
+        where = pl.col(column).str.find(pattern)
+        message = pl.format(
+            f"{column} contains control character U+00{{}} at byte {{}}",
+            code,
+            where,
+        )
+        return pl.col(column).str.contains(pattern).fill_null(False), message
+
+    checks = [found(column) for column in WIRE_FIELDS]
+    return Rule(
+        name="text:control_character",
+        violated=pl.any_horizontal([hit for hit, _ in checks]),
+        message=pl.concat_list([pl.when(hit).then(message) for hit, message in checks])
+        .list.drop_nulls()
+        .list.join("; ")
+        + pl.lit(
+            " (Postgres cannot store NUL; no contract field has a use for control characters)"
         ),
-    ),
-    _missing("transaction_type"),
-    Rule(
-        name="enum:transaction_type",
-        violated=_present("transaction_type")
-        & ~_text("transaction_type").str.to_uppercase().is_in(TRANSACTION_TYPES),
-        message=pl.format(
-            f"transaction_type must be one of {', '.join(TRANSACTION_TYPES)}, got '{{}}'",
-            pl.col("transaction_type"),
+    )
+
+
+@cache
+def contract_rules(limits: ContractLimits = DEFAULT_LIMITS) -> tuple[Rule, ...]:
+    """Conformance of a decoded record to the BillingEvent contract, with these limits.
+    Business rules (issue #3: sign by type, supported currencies, refunds needing a
+    payment) are a separate set."""
+    return (
+        _missing("event_id"),
+        Rule(
+            name="limit:event_id_length",
+            violated=(pl.col("event_id").str.len_chars() > limits.max_event_id_length).fill_null(
+                False
+            ),
+            message=pl.format(
+                "event_id is {} characters, more than the {} allowed "
+                "(BILLING_MAX_EVENT_ID_LENGTH): '{}'",
+                pl.col("event_id").str.len_chars(),
+                pl.lit(limits.max_event_id_length),
+                quoted(pl.col("event_id")),
+            ),
         ),
-    ),
-    _missing("amount"),
-    _money_rule("amount"),
-    _money_rule("tax_amount"),
-    Rule(
-        name="format:currency",
-        violated=_present("currency") & ~_text("currency").str.contains(CURRENCY_PATTERN),
-        message=pl.format(
-            "currency must be a three-letter upper-case ISO 4217 code, got '{}'", pl.col("currency")
+        _missing("customer_id"),
+        Rule(
+            name="integer:customer_id",
+            violated=_present("customer_id")
+            & ~_text("customer_id").str.contains(CUSTOMER_ID_PATTERN)
+            & ~_exponent("customer_id"),
+            message=pl.format(
+                "customer_id must be a positive integer, got '{}'",
+                quoted(pl.col("customer_id")),
+            ),
         ),
-    ),
-    Rule(
-        name="timestamp:created_at",
-        violated=_present("created_at") & parse_timestamp("created_at").is_null(),
-        message=pl.format(
-            "created_at must be an ISO-8601 timestamp with a zone (2026-11-24T13:05:00.123Z), "
-            "got '{}'",
-            pl.col("created_at"),
+        _missing("transaction_type"),
+        Rule(
+            name="enum:transaction_type",
+            violated=_present("transaction_type")
+            & ~_text("transaction_type").str.to_uppercase().is_in(TRANSACTION_TYPES),
+            message=pl.format(
+                f"transaction_type must be one of {', '.join(TRANSACTION_TYPES)}, got '{{}}'",
+                quoted(pl.col("transaction_type")),
+            ),
         ),
-    ),
-)
+        _missing("amount"),
+        _money_rule("amount"),
+        _money_rule("tax_amount"),
+        Rule(
+            name="number:exponent",
+            violated=pl.any_horizontal(
+                [_exponent(c) for c in ("amount", "tax_amount", "customer_id")]
+            ),
+            message=pl.concat_list(
+                [
+                    pl.when(_exponent(c)).then(
+                        pl.format(f"{c} is written with an exponent ('{{}}')", quoted(pl.col(c)))
+                    )
+                    for c in ("amount", "tax_amount", "customer_id")
+                ]
+            )
+            .list.drop_nulls()
+            .list.join("; ")
+            + pl.lit(': send money as a plain decimal ("150.00") and customer_id as digits'),
+        ),
+        Rule(
+            name="format:currency",
+            violated=_present("currency") & ~_text("currency").str.contains(CURRENCY_PATTERN),
+            message=pl.format(
+                "currency must be a three-letter upper-case ISO 4217 code, got '{}'",
+                quoted(pl.col("currency")),
+            ),
+        ),
+        Rule(
+            name="timestamp:created_at",
+            violated=_present("created_at") & parse_timestamp("created_at").is_null(),
+            message=pl.format(
+                "created_at must be an ISO-8601 timestamp with a zone "
+                "(2026-11-24T13:05:00.123Z), got '{}'",
+                quoted(pl.col("created_at")),
+            ),
+        ),
+        Rule(
+            name="timestamp:range",
+            violated=pl.col("created_at").str.contains(BEFORE_EPOCH_PATTERN).fill_null(False),
+            message=pl.format(
+                "created_at '{}' is before 1970-01-01T00:00:00Z: not a plausible event time",
+                quoted(pl.col("created_at")),
+            ),
+        ),
+        Rule(
+            name="limit:metadata_bytes",
+            violated=(pl.col("metadata").str.len_bytes() > limits.max_metadata_bytes).fill_null(
+                False
+            ),
+            message=pl.format(
+                "metadata is {} bytes, more than the {} allowed "
+                "(BILLING_MAX_METADATA_BYTES), starting '{}'",
+                pl.col("metadata").str.len_bytes(),
+                pl.lit(limits.max_metadata_bytes),
+                quoted(pl.col("metadata")),
+            ),
+        ),
+        _control_character_rule(),
+    )
+
+
+#: The contract rules with the default limits.
+CONTRACT_RULES: tuple[Rule, ...] = contract_rules()
 
 
 def apply_rules(frame: pl.DataFrame, rules: Sequence[Rule]) -> pl.DataFrame:

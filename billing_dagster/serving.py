@@ -3,16 +3,9 @@ the lake's billing_events that is applied exactly once per Kafka offset.
 
 `balance_offsets` holds, per Kafka partition, the next offset whose billing_events rows are
 not yet in Postgres. A batch names the offset range its rows cover, `{partition: (start,
-end)}`, and is applied in one transaction:
-1. lock the batch's partitions in `balance_offsets` (FOR UPDATE, in partition order). A
-   partition already at or past `end` is skipped; one whose mark is below `start` would
-   leave offsets unapplied, so the batch fails (`ServingGapError`) instead of advancing
-   over them: the caller applies the gap from billing_events first (`projection.py`);
-2. COPY the rows at or above each mark into a staging table, INSERT them into
-   transaction_history (ON CONFLICT DO NOTHING) and add to each balance the sum of the
-   rows *actually inserted* (RETURNING), so per customer `current_balance` equals the
-   sum of its history rows by construction;
-3. advance `balance_offsets` and record the batch in the `balance_batches` ledger.
+end)}`, and is applied in one transaction (serving_batch.py): the marks are locked, the
+rows at or above them inserted into the history, each balance moved by the rows actually
+inserted, the marks advanced and the batch recorded in the `balance_batches` ledger.
 
 A rerun, retry or replay of the same offsets finds them below the mark and changes
 nothing; a crash before COMMIT changes nothing either, and a commit lost after the fact
@@ -22,29 +15,24 @@ lake, which the next run or the sensor repairs from billing_events.
 Balance semantics: the sum of `amount_usd` of the customer's accepted events, in USD.
 PAYMENT adds, REFUND and CHARGEBACK (negative amounts) subtract, ADJUSTMENT adds its
 signed amount.
+
+This module holds the frame work and the reads; serving_batch.py the transaction.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import date, datetime
 
 import polars as pl
 import psycopg2
 import psycopg2.extensions
 
-from billing_dagster.postgres_db import (
-    ServingUnavailableError,
-    connect,
-    first_line,
-    redacted,
-)
-from billing_dagster.timing import PhaseClock
+from billing_dagster.postgres_db import connect
 
 BALANCE_CURRENCY = "USD"
 #: Namespace for transaction ids of events whose event_id is not itself a UUID.
@@ -99,12 +87,44 @@ def months_of(created_at: pl.Series) -> list[date]:
     return sorted(created_at.dt.truncate("1mo").dt.date().unique().to_list())
 
 
-def _next_month(month: date) -> date:
+def next_month(month: date) -> date:
     return date(month.year + (month.month == 12), month.month % 12 + 1, 1)
 
 
 def partition_name(month: date) -> str:
     return f"transaction_history_{month:%Y%m}"
+
+
+def ensure_partitions(connection: psycopg2.extensions.connection, months: list[date]) -> list[str]:
+    """Create the monthly transaction_history partitions that are missing, committed.
+
+    Runs in its own short transaction before the batch's, so a batch never holds the
+    parent's ACCESS EXCLUSIVE lock (taken by CREATE TABLE ... PARTITION OF) while it
+    upserts balances. The self-conflicting lock on the parent serialises creators, and
+    taking a relation lock refreshes the catalog cache, so the second creator sees the
+    first one's table instead of failing with "already exists"."""
+    with connection.cursor() as cursor:
+        names = [partition_name(month) for month in months]
+        cursor.execute(
+            "SELECT n FROM unnest(%s::text[]) AS n WHERE to_regclass(n) IS NULL", (names,)
+        )
+        if not cursor.fetchall():
+            connection.commit()
+            return []
+    created = []
+    with connection, connection.cursor() as cursor:
+        cursor.execute("LOCK TABLE transaction_history IN SHARE UPDATE EXCLUSIVE MODE")
+        for month in months:
+            name = partition_name(month)
+            cursor.execute("SELECT to_regclass(%s)", (name,))
+            if cursor.fetchone()[0] is None:
+                cursor.execute(
+                    f"CREATE TABLE {name} PARTITION OF transaction_history "
+                    "FOR VALUES FROM (%s) TO (%s)",
+                    (month.isoformat(), next_month(month).isoformat()),
+                )
+                created.append(name)
+    return created
 
 
 def batch_id(topic: str, applied: Ranges, kind: str = BATCH) -> str:
@@ -143,204 +163,6 @@ class ServingResult:
     amount_usd_applied: str = "0"
     #: Seconds per phase (copy_history, insert_history_and_balances, commit).
     timings: Mapping[str, float] = field(default_factory=dict)
-
-
-def _copy(cursor: psycopg2.extensions.cursor, table: str, frame: pl.DataFrame) -> None:
-    buffer = io.BytesIO()
-    frame.with_columns(
-        [
-            pl.col(name).dt.convert_time_zone("UTC").dt.strftime("%Y-%m-%d %H:%M:%S%.6f+00")
-            for name, dtype in frame.schema.items()
-            if isinstance(dtype, pl.Datetime)
-        ]
-    ).write_csv(buffer, include_header=False)
-    buffer.seek(0)
-    cursor.copy_expert(f"COPY {table} FROM STDIN WITH (FORMAT csv)", buffer)
-
-
-def ensure_partitions(connection: psycopg2.extensions.connection, months: list[date]) -> list[str]:
-    """Create the monthly transaction_history partitions that are missing, committed.
-
-    Runs in its own short transaction before the batch's, so a batch never holds the
-    parent's ACCESS EXCLUSIVE lock (taken by CREATE TABLE ... PARTITION OF) while it
-    upserts balances. The self-conflicting lock on the parent serialises creators, and
-    taking a relation lock refreshes the catalog cache, so the second creator sees the
-    first one's table instead of failing with "already exists"."""
-    with connection.cursor() as cursor:
-        names = [partition_name(month) for month in months]
-        cursor.execute(
-            "SELECT n FROM unnest(%s::text[]) AS n WHERE to_regclass(n) IS NULL", (names,)
-        )
-        if not cursor.fetchall():
-            connection.commit()
-            return []
-    created = []
-    with connection, connection.cursor() as cursor:
-        cursor.execute("LOCK TABLE transaction_history IN SHARE UPDATE EXCLUSIVE MODE")
-        for month in months:
-            name = partition_name(month)
-            cursor.execute("SELECT to_regclass(%s)", (name,))
-            if cursor.fetchone()[0] is None:
-                cursor.execute(
-                    f"CREATE TABLE {name} PARTITION OF transaction_history "
-                    "FOR VALUES FROM (%s) TO (%s)",
-                    (month.isoformat(), _next_month(month).isoformat()),
-                )
-                created.append(name)
-    return created
-
-
-def apply_batch(
-    url: str,
-    rows: pl.DataFrame,
-    *,
-    topic: str,
-    ranges: Ranges,
-    run_id: str,
-    kind: str = BATCH,
-) -> ServingResult:
-    """Apply billing_events rows to the balances and history, exactly once.
-
-    `rows`: every billing_events row of `topic` in `ranges` ({partition: (start, end)},
-    including partitions that hold no row: their marks advance too)."""
-    try:
-        with connect(url) as connection:
-            created = ensure_partitions(connection, months_of(rows["created_at"]))
-            with connection, connection.cursor() as cursor:
-                marks = _lock_marks(cursor, topic, ranges)
-                result = _apply_locked(cursor, rows, topic, ranges, marks, run_id, kind)
-            return replace(result, partitions_created=tuple(created))
-    except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
-        raise ServingUnavailableError(
-            f"serving Postgres at {redacted(url)} failed mid-batch, nothing was committed: "
-            f"{first_line(exc)}"
-        ) from None
-
-
-def _lock_marks(cursor: psycopg2.extensions.cursor, topic: str, ranges: Ranges) -> dict[int, int]:
-    """The batch's partitions' marks, locked until COMMIT. A partition Postgres has no
-    mark for starts at 0: a new serving database (or one restored from before the
-    partition existed) has applied nothing of it."""
-    partitions = sorted(ranges)
-    cursor.execute(
-        "INSERT INTO balance_offsets (topic, kafka_partition, next_offset) "
-        "SELECT %s, p, 0 FROM unnest(%s::int[]) AS p ON CONFLICT DO NOTHING",
-        (topic, partitions),
-    )
-    cursor.execute(
-        "SELECT kafka_partition, next_offset FROM balance_offsets "
-        "WHERE topic = %s AND kafka_partition = ANY(%s) "
-        "ORDER BY kafka_partition FOR UPDATE",
-        (topic, partitions),
-    )
-    marks = dict(cursor.fetchall())
-    gaps = {p: (marks[p], start) for p, (start, _) in ranges.items() if marks[p] < start}
-    if gaps:
-        raise ServingGapError(
-            f"serving marks of {topic} are behind this batch: offsets "
-            + ", ".join(f"{p}:{m}-{s}" for p, (m, s) in sorted(gaps.items()))
-            + " are not applied; apply them from billing_events first"
-        )
-    return marks
-
-
-def _apply_locked(
-    cursor: psycopg2.extensions.cursor,
-    rows: pl.DataFrame,
-    topic: str,
-    ranges: Ranges,
-    marks: Mapping[int, int],
-    run_id: str,
-    kind: str,
-) -> ServingResult:
-    advance = {p: (marks[p], end) for p, (_, end) in ranges.items() if end > marks[p]}
-    if not advance:
-        return ServingResult(0, rows.height, 0, 0, None, ())
-    fresh = rows_from(rows, {p: start for p, (start, _) in advance.items()})
-    clock = PhaseClock()
-    inserted, customers, total = _insert_history_and_balances(cursor, fresh, clock)
-    cursor.execute(
-        "UPDATE balance_offsets AS b SET next_offset = t.e, updated_at = NOW() "
-        "FROM unnest(%s::int[], %s::bigint[]) AS t(p, e) "
-        "WHERE b.topic = %s AND b.kafka_partition = t.p",
-        (list(advance), [end for _, end in advance.values()], topic),
-    )
-    identity = batch_id(topic, advance, kind)
-    cursor.execute(
-        # clock_timestamp(), not NOW(): the moment the balances are about to commit,
-        # not when the transaction began (the latency benchmark reads it).
-        "INSERT INTO balance_batches (batch_id, topic, offset_ranges, run_id, "
-        "events_applied, customers_updated, amount_usd_total, applied_at, kind) "
-        "VALUES (%s, %s, %s, %s, %s, %s, %s, clock_timestamp(), %s) ON CONFLICT DO NOTHING",
-        (
-            identity,
-            topic,
-            json.dumps(
-                [{"partition": p, "start": s, "end": e} for p, (s, e) in sorted(advance.items())]
-            ),
-            run_id,
-            inserted,
-            customers,
-            total,
-            kind,
-        ),
-    )
-    cursor.connection.commit()
-    clock.lap("commit")
-    return ServingResult(
-        inserted,
-        rows.height - inserted,
-        customers,
-        inserted,
-        identity,
-        (),
-        dict(sorted(advance.items())),
-        total,
-        clock.laps,
-    )
-
-
-#: History first, then the balances from exactly the rows that went in.
-_INSERT_HISTORY_AND_BALANCES = """
-WITH inserted AS (
-    INSERT INTO transaction_history SELECT * FROM staging_history
-    ON CONFLICT DO NOTHING
-    RETURNING customer_id, amount_usd
-), deltas AS (
-    SELECT customer_id, sum(amount_usd) AS delta, count(*) AS events
-    FROM inserted GROUP BY customer_id
-), upserted AS (
-    INSERT INTO customer_balances
-        (customer_id, current_balance, currency, last_updated, version)
-    SELECT customer_id, delta, %s, NOW(), 1 FROM deltas ORDER BY customer_id
-    ON CONFLICT (customer_id) DO UPDATE SET
-        current_balance = customer_balances.current_balance + EXCLUDED.current_balance,
-        last_updated = EXCLUDED.last_updated,
-        version = customer_balances.version + 1
-    RETURNING 1
-)
-SELECT (SELECT coalesce(sum(events), 0) FROM deltas),
-       (SELECT count(*) FROM upserted),
-       (SELECT coalesce(sum(delta), 0)::text FROM deltas)
-"""
-
-
-def _insert_history_and_balances(
-    cursor: psycopg2.extensions.cursor, fresh: pl.DataFrame, clock: PhaseClock
-) -> tuple[int, int, str]:
-    """(history rows inserted, customers updated, their USD total as text)."""
-    if fresh.is_empty():
-        return 0, 0, "0"
-    cursor.execute(
-        "CREATE TEMP TABLE staging_history (LIKE transaction_history "
-        "INCLUDING DEFAULTS) ON COMMIT DROP"
-    )
-    _copy(cursor, "staging_history", history_rows(fresh))
-    clock.lap("copy_history")
-    cursor.execute(_INSERT_HISTORY_AND_BALANCES, (BALANCE_CURRENCY,))
-    inserted, customers, total = cursor.fetchone()
-    clock.lap("insert_history_and_balances")
-    return int(inserted), int(customers), total
 
 
 # ---- reading -------------------------------------------------------------------------

@@ -13,6 +13,8 @@ from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
+from billing_dagster.redaction import redacted
+
 
 class ConfigError(ValueError):
     """A setting has a value the platform cannot use; the message names the setting."""
@@ -49,6 +51,20 @@ class Settings:
     validation_alert_pct: Decimal
     alerts_interval_s: int
     dedupe_horizon_days: int
+    #: The `dagster/max_runtime` of the ingest lane's runs: run monitoring fails a run
+    #: stranded longer (its worker gone with the code server), freeing the lane.
+    lane_max_runtime_s: int = 900
+    #: "Ingest Stalled": no lake progress for this long while there is lag.
+    stall_alert_minutes: int = 10
+    #: The ingest circuit breaker: one rule failing more than this percent of a batch,
+    #: and at least `circuit_breaker_min_records` records, holds the batch.
+    circuit_breaker_pct: Decimal = Decimal(5)
+    circuit_breaker_min_records: int = 20
+    #: Contract limits (rules.ContractLimits): a longer event_id, larger metadata or a
+    #: larger record value is quarantined (the record before any decoding).
+    max_event_id_length: int = 128
+    max_metadata_bytes: int = 64 * 1024
+    max_record_bytes: int = 1024 * 1024
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
@@ -110,7 +126,7 @@ def _lake_root(env: Mapping[str, str], name: str, default: str) -> str:
     raw = env.get(name, "").strip() or default
     if "://" in raw:
         if not raw.startswith(("s3://", "s3a://", "file://")):
-            raise ConfigError(f"{name} must be a local path or an s3:// URI, got '{raw}'")
+            raise ConfigError(f"{name} must be a local path or an s3:// URI, got '{redacted(raw)}'")
         return raw
     return str(Path(raw).expanduser().resolve())
 
@@ -161,7 +177,9 @@ def _currencies(env: Mapping[str, str], name: str) -> tuple[str, ...]:
 def _postgres_url(env: Mapping[str, str], name: str) -> str:
     raw = env.get(name, "").strip() or "postgresql://billing@127.0.0.1:5432/billing"
     if not raw.startswith(("postgresql://", "postgres://")):
-        raise ConfigError(f"{name} must be a postgresql://user@host:port/database URL, got '{raw}'")
+        raise ConfigError(
+            f"{name} must be a postgresql://user@host:port/database URL, got '{redacted(raw)}'"
+        )
     return raw
 
 
@@ -183,7 +201,7 @@ def _percent(env: Mapping[str, str], name: str, default: str) -> Decimal:
 def _http_url(env: Mapping[str, str], name: str) -> str | None:
     raw = env.get(name, "").strip()
     if raw and not raw.startswith(("http://", "https://")):
-        raise ConfigError(f"{name} must be an http(s):// URL, got '{raw}'")
+        raise ConfigError(f"{name} must be an http(s):// URL, got '{redacted(raw)}'")
     return raw or None
 
 
@@ -194,7 +212,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     registry = env.get("BILLING_SCHEMA_REGISTRY_URL", "").strip() or None
     if registry and not registry.startswith(("http://", "https://", "mock://")):
         raise ConfigError(
-            f"BILLING_SCHEMA_REGISTRY_URL must be an http(s):// or mock:// URL, got '{registry}'"
+            "BILLING_SCHEMA_REGISTRY_URL must be an http(s):// or mock:// URL, "
+            f"got '{redacted(registry)}'"
         )
     if "avro" in formats.values() and not registry:
         raise ConfigError(
@@ -236,4 +255,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         validation_alert_pct=_percent(env, "BILLING_VALIDATION_ALERT_PERCENT", "0.01"),
         alerts_interval_s=_int(env, "BILLING_ALERTS_INTERVAL_SECONDS", 30),
         dedupe_horizon_days=_int(env, "BILLING_DEDUPE_HORIZON_DAYS", 7),
+        lane_max_runtime_s=_int(env, "BILLING_LANE_MAX_RUNTIME_SECONDS", 900, minimum=10),
+        stall_alert_minutes=_int(env, "BILLING_STALL_ALERT_MINUTES", 10),
+        circuit_breaker_pct=_percent(env, "BILLING_CIRCUIT_BREAKER_PERCENT", "5"),
+        circuit_breaker_min_records=_int(env, "BILLING_CIRCUIT_BREAKER_MIN_RECORDS", 20),
+        max_event_id_length=_int(env, "BILLING_MAX_EVENT_ID_LENGTH", 128, minimum=36),
+        max_metadata_bytes=_int(env, "BILLING_MAX_METADATA_BYTES", 64 * 1024),
+        max_record_bytes=_int(env, "BILLING_MAX_RECORD_BYTES", 1024 * 1024, minimum=1024),
     )

@@ -3,7 +3,7 @@ from decimal import Decimal
 
 from dagster import ConfigurableResource
 
-from billing_dagster.alerts import LogNotifier, Notifier, WebhookNotifier
+from billing_dagster.notifiers import LogNotifier, Notifier, WebhookNotifier
 
 
 class AlertingResource(ConfigurableResource):
@@ -14,6 +14,8 @@ class AlertingResource(ConfigurableResource):
     #: Kafka Connect /connectors/<name>/status or Debezium Server /q/health; None: no CDC.
     cdc_status_url: str | None = None
     lag_threshold: int = 10_000
+    #: "Ingest Stalled": minutes without lake progress while there is lag.
+    stall_alert_minutes: int = 10
     #: A percentage as text, so it stays an exact decimal. The reconciliation tolerance is
     #: RevenueAnalyticsResource's: the alert fires where the asset check fails.
     validation_failure_percent: str = "0.01"

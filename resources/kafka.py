@@ -1,7 +1,7 @@
 from dagster import ConfigurableResource
 
 from billing_dagster.decoding import ValueFormat
-from billing_dagster.kafka_io import KafkaClient, KafkaSettings
+from billing_dagster.kafka_io import KafkaClient, KafkaSettings, kafka_topic_of
 
 
 class KafkaResource(ConfigurableResource):
@@ -15,7 +15,8 @@ class KafkaResource(ConfigurableResource):
     topic_formats: dict[str, str] = {}  # noqa: RUF012 (pydantic copies defaults)
 
     def value_format(self, topic: str) -> ValueFormat:
-        return ValueFormat(self.topic_formats.get(topic, ValueFormat.JSON.value))
+        # A topic key (name@generation, billing_dagster/topic_identity.py) has its name's.
+        return ValueFormat(self.topic_formats.get(kafka_topic_of(topic), ValueFormat.JSON.value))
 
     def client(self) -> KafkaClient:
         return KafkaClient(

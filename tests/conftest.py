@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ from billing_dagster.enrichment import write_reference_data
 from billing_dagster.kafka_io import KafkaClient, KafkaSettings, ensure_topic
 from billing_dagster.local_infra.kafka import ApacheKafka
 from billing_dagster.local_infra.postgres import LocalPostgres
-from billing_dagster.local_infra.process import stop_on_sigterm
+from billing_dagster.local_infra.process import REPO_ROOT, stop_on_sigterm
 from billing_dagster.local_infra.s3 import ACCESS_KEY, REGION, SECRET_KEY, MotoS3
 from billing_dagster.producer import make_producer, produce_records
 from billing_dagster.settings import load_settings
@@ -50,7 +51,8 @@ def s3() -> Iterator[MotoS3]:
 @pytest.fixture
 def topic(kafka: ApacheKafka) -> str:
     name = f"billing-events-{uuid.uuid4().hex[:8]}"
-    ensure_topic(kafka.bootstrap_servers, name, partitions=24)
+    # CreateTime: tests place records in past log hours with the producer's timestamp.
+    ensure_topic(kafka.bootstrap_servers, name, partitions=24, timestamp_type="CreateTime")
     return name
 
 
@@ -106,6 +108,31 @@ def pipeline_env(
         "BILLING_POSTGRES_URL": serving_url,
         **extra,
     }
+
+
+def operated_env(
+    kafka: ApacheKafka,
+    topic: str,
+    lake_root: str,
+    serving_url: str,
+    postgres: LocalPostgres,
+    home: Path,
+    **extra: str,
+) -> dict[str, str]:
+    """The pipeline's environment with a Dagster home (dev/dagster.yaml, as production
+    copies it) on Postgres storage, for tests that run a real dagster-daemon."""
+    home.mkdir()
+    shutil.copy(REPO_ROOT / "dev" / "dagster.yaml", home / "dagster.yaml")
+    return pipeline_env(
+        kafka,
+        topic,
+        lake_root,
+        serving_url,
+        DAGSTER_HOME=str(home),
+        DAGSTER_POSTGRES_URL=postgres.create_database(f"dagster_{topic[-8:]}"),
+        BILLING_SENSOR_INTERVAL_SECONDS="2",
+        **extra,
+    )
 
 
 @pytest.fixture

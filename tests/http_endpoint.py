@@ -8,18 +8,29 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class Endpoint:
-    """A real HTTP server on loopback: records POSTs, answers GETs with `reply`."""
+    """A real HTTP server on loopback: records POSTs, answers GETs with `reply`.
+
+    POSTs are answered 200, or with the statuses queued in `post_statuses` first (one
+    each); `posts` records those answered 2xx, `rejected` the others."""
 
     def __init__(self) -> None:
         self.posts: list[tuple[str, dict, str]] = []
+        self.post_statuses: list[int] = []
+        self.rejected: list[tuple[str, dict, int]] = []
         self.reply: tuple[int, object] = (200, {})
         endpoint = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
-                endpoint.posts.append((self.path, json.loads(body), self.headers["Content-Type"]))
-                self.send_response(200)
+                status = endpoint.post_statuses.pop(0) if endpoint.post_statuses else 200
+                if 200 <= status < 300:
+                    endpoint.posts.append(
+                        (self.path, json.loads(body), self.headers["Content-Type"])
+                    )
+                else:
+                    endpoint.rejected.append((self.path, json.loads(body), status))
+                self.send_response(status)
                 self.end_headers()
 
             def do_GET(self) -> None:

@@ -3,9 +3,14 @@ webhook receiver on loopback: each alert fires on its condition, once, and resol
 
 from __future__ import annotations
 
+import uuid
+from dataclasses import replace
+from datetime import timedelta
+
 import dagster as dg
 import pytest
 
+from billing_dagster.alert_state import dump_sensor_state, load_sensor_state
 from billing_dagster.synthetic import SyntheticBillingStream
 
 from .conftest import Pipeline, pipeline_env
@@ -191,3 +196,63 @@ def test_balances_behind_lake_and_broken_invariants_alert(
         assert [e.check_name for e in failed] == ["balances_equal_history"]
         assert "Serving Invariant Broken" in sensor.tick()
         assert notifications(endpoint)["serving_invariant_broken"] == "firing"
+
+
+def test_alerts_are_delivered_at_least_once_and_no_log_shows_the_webhook_token(
+    kafka, topic, lake_root, serving_url, endpoint: Endpoint, capfd
+):
+    secret = f"tok{uuid.uuid4().hex}"
+    pipeline = Pipeline(
+        pipeline_env(
+            kafka,
+            topic,
+            lake_root,
+            serving_url,
+            BILLING_ALERT_WEBHOOK_URL=f"{endpoint.url}/hooks/{secret}?token={secret}",
+            BILLING_LAG_ALERT_THRESHOLD="100",
+        )
+    )
+    with dg.instance_for_test() as instance:
+        sensor = AlertsSensor(pipeline, instance)
+        assert sensor.tick() == "all alerts quiet"
+        stream = SyntheticBillingStream(seed=7, invalid_rate=0.0, duplicate_rate=0.0)
+        pipeline.produce(list(stream.records(200)))
+
+        # The webhook answers 500: the page stays pending, and goes on the next tick.
+        endpoint.post_statuses = [500]
+        assert "High Billing Event Lag" in sensor.tick()
+        assert [(b["alert"], b["status"], code) for _, b, code in endpoint.rejected] == [
+            ("consumer_lag", "firing", 500)
+        ]
+        assert notifications(endpoint) == {}
+        assert load_sensor_state(sensor.cursor).delivered["consumer_lag"] is False
+        sensor.tick()
+        assert notifications(endpoint) == {"consumer_lag": "firing"}
+        sensor.tick()
+        assert notifications(endpoint) == {}  # delivered: once
+
+        # The lake has not moved for 20 minutes while records wait: "Ingest Stalled".
+        state = load_sensor_state(sensor.cursor)
+        earlier = replace(state.progress, since=state.progress.since - timedelta(minutes=20))
+        sensor.cursor = dump_sensor_state(replace(state, progress=earlier))
+        assert "Ingest Stalled" in sensor.tick()
+        (post,) = [body for _, body, _ in endpoint.posts if body["alert"] == "ingest_stalled"]
+        assert post["runbook"].endswith("ingest-stalled.md") and "20 min" in post["summary"]
+        notifications(endpoint)
+
+        # Processed: both resolve; the first resolution's delivery fails and is retried.
+        run_ingest(pipeline, instance)
+        endpoint.post_statuses = [500]
+        assert sensor.tick() == "all alerts quiet"
+        assert notifications(endpoint) == {"ingest_stalled": "resolved"}
+        sensor.tick()
+        assert notifications(endpoint) == {"consumer_lag": "resolved"}
+        sensor.tick()
+        assert notifications(endpoint) == {}
+
+    # The sensor's log (its console output, also kept with each tick by the daemon).
+    logged = capfd.readouterr()
+    failures = [line for line in logged.err.splitlines() if "stays pending" in line]
+    assert len(failures) == 2 and all("HTTP 500" in line for line in failures), logged.err
+    assert secret not in logged.err + logged.out
+    assert all(secret not in str(body) for _, body, _ in endpoint.posts + endpoint.rejected)

@@ -22,7 +22,7 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from billing_dagster.alerts import probe_connector
+from billing_dagster.connector_probe import probe_connector
 from billing_dagster.contract import (
     BILLING_EVENTS_TABLE,
     FX_RATES_TABLE,

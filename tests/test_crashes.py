@@ -23,11 +23,12 @@ import psycopg2
 import pytest
 from deltalake.exceptions import CommitFailedError
 
+from billing_dagster.batch_commit import COMMIT_STEPS
 from billing_dagster.contract import BILLING_EVENTS_TABLE, QUARANTINE_TABLE, RAW_TABLE
 from billing_dagster.definitions import build_resources
 from billing_dagster.delta_lake import read_table
 from billing_dagster.enrichment import ReferenceData, write_reference_data
-from billing_dagster.ingest import COMMIT_STEPS, ingest_offsets
+from billing_dagster.ingest import ingest_offsets
 from billing_dagster.local_infra.kafka import ApacheKafka
 from billing_dagster.local_infra.postgres import LocalPostgres
 from billing_dagster.offsets import OffsetRange
@@ -394,7 +395,9 @@ def test_a_retry_keeps_the_decision_billing_events_committed(pipeline: Pipeline,
     write_reference_data(crash_pipeline.lake, before)
     records = list(_stream(seed=65).records(500))
     ranges = _produce(crash_pipeline, records)
-    env = crash_pipeline.env
+    # A batch 40 % short of rates is what the circuit breaker holds; here it is released
+    # (as `billing-dagster release-batch` would), to show the retry keeps its decision.
+    env = {**crash_pipeline.env, "BILLING_CIRCUIT_BREAKER_PERCENT": "100"}
     assert _in_child(_run_batch, env, ranges, "billing_events") == -signal.SIGKILL
     write_reference_data(crash_pipeline.lake, after)
     _ingest(env, ranges)

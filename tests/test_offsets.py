@@ -7,13 +7,18 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from billing_dagster.offsets import (
+    RETRY_MAX_DELAY,
     OffsetRange,
     PlannedBatch,
+    RetryState,
     TopicResetError,
     chunk_batch,
+    next_retry,
     plan_reads,
     plan_sensor_tick,
     ranges_for_hour,
+    retry_delay,
+    retry_run_key,
     split_by_log_hour,
 )
 
@@ -129,3 +134,44 @@ def test_ranges_for_hour_uses_the_next_hours_first_offset_as_end():
     lookup = lookup_from({H13: {0: 3, 1: None}, H14: {0: 8, 1: None}})
     assert ranges_for_hour(H13, lookup, {0: 12, 1: 4}) == (OffsetRange(0, 3, 8),)
     assert ranges_for_hour(H14, lookup, {0: 12, 1: 4}) == (OffsetRange(0, 8, 12),)
+
+
+def test_a_rerequest_of_failed_offsets_gets_a_new_run_key_and_backs_off():
+    # A run for 0:40-90 failed; the topic is quiet, so the re-request plans the same
+    # offsets, and the same key Dagster would skip as already launched.
+    batch = PlannedBatch("t", "2026-11-24-14:00", (OffsetRange(0, 40, 90),))
+    plan = plan_sensor_tick(
+        "t",
+        cursor={0: 90},
+        lows={0: 0},
+        ends={0: 90},
+        committed={0: 40},
+        runs_in_flight=False,
+        start_from="earliest",
+        now=NOW,
+        offset_lookup=lookup_from({H14: {0: 0}}),
+        max_records_per_run=1_000,
+    )
+    assert plan.recovering and plan.batches == (batch,)
+
+    first = next_retry(None, {0: 40}, NOW)
+    assert first == RetryState("0:40", 1, NOW)  # at once, the first time
+    keys = {batch.run_key, retry_run_key(batch, first)}
+    state, waited = first, []
+    moment = NOW
+    while state.attempt < 8:
+        moment += timedelta(seconds=2)  # the sensor ticks every 2 s
+        retry = next_retry(state, {0: 40}, moment)
+        if retry is None:
+            continue
+        waited.append(retry.at - state.at)
+        keys.add(retry_run_key(batch, retry))
+        state = retry
+    # Each further re-request waits about twice as long, up to 15 minutes ...
+    assert [round(w.total_seconds()) for w in waited] == [30, 60, 120, 240, 480, 900, 900]
+    assert retry_delay(50) == RETRY_MAX_DELAY
+    # ... and every one has a key of its own.
+    assert len(keys) == 9
+    # The lake moved (a run committed): a new failure there is re-requested at once.
+    moved = next_retry(state, {0: 60}, moment + timedelta(seconds=2))
+    assert moved is not None and moved.attempt == 1 and moved.marks == "0:60"

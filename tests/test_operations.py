@@ -40,7 +40,7 @@ from billing_dagster.producer import make_producer, produce_records
 from billing_dagster.serving import read_balances
 from billing_dagster.synthetic import GeneratedRecord, SyntheticBillingStream
 
-from .conftest import Pipeline, pipeline_env
+from .conftest import Pipeline, operated_env
 from .test_settings_and_cli import run_cli
 
 AGGREGATES = (
@@ -53,18 +53,7 @@ AGGREGATES = (
 @pytest.fixture
 def operated(kafka, topic, lake_root, serving_url, postgres, tmp_path) -> Iterator[Pipeline]:
     """The pipeline's environment with a Dagster home on Postgres and a running daemon."""
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    shutil.copy(REPO_ROOT / "dev" / "dagster.yaml", home / "dagster.yaml")
-    env = pipeline_env(
-        kafka,
-        topic,
-        lake_root,
-        serving_url,
-        DAGSTER_HOME=str(home),
-        DAGSTER_POSTGRES_URL=postgres.create_database(f"dagster_{topic[-8:]}"),
-        BILLING_SENSOR_INTERVAL_SECONDS="2",
-    )
+    env = operated_env(kafka, topic, lake_root, serving_url, postgres, tmp_path / "dagster_home")
     pipeline = Pipeline(env)
     # The daemon alone runs what matters here: the sensor, the run queue and backfills.
     log = tmp_path / "dagster.log"

@@ -23,12 +23,8 @@ from billing_dagster.delta_lake import read_table
 from billing_dagster.kafka_io import KafkaClient
 from billing_dagster.postgres_db import migrate, migration_files
 from billing_dagster.projection import catch_up, committed_events, decided_marks
-from billing_dagster.serving import (
-    ServingGapError,
-    apply_batch,
-    read_balances,
-    serving_marks,
-)
+from billing_dagster.serving import ServingGapError, read_balances, serving_marks
+from billing_dagster.serving_batch import apply_batch
 from billing_dagster.synthetic import SyntheticBillingStream
 from resources import KafkaResource
 

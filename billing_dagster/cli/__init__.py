@@ -8,6 +8,8 @@ module of its concern and is registered here:
 - revenue: aggregate, reconcile, report (the revenue figures)
 - operations: status, migrate (the pipeline's state)
 - reprocessing: replay, backfill (Dagster backfills over past data)
+- topics: the `topic` group (adopt a recreated topic, acknowledge lost offsets)
+- release: release-batch (a batch the circuit breaker held)
 """
 
 from __future__ import annotations
@@ -18,12 +20,15 @@ import click
 
 from billing_dagster.cli.operations import migrate, status
 from billing_dagster.cli.reference import reference
+from billing_dagster.cli.release import release_batch
 from billing_dagster.cli.reprocessing import backfill, replay
 from billing_dagster.cli.revenue import aggregate, reconcile, report
 from billing_dagster.cli.streams import cdc, demo, produce, workload
+from billing_dagster.cli.topics import topic
 from billing_dagster.enrichment import ReferenceDataError
 from billing_dagster.kafka_io import KafkaUnavailableError
 from billing_dagster.local_infra.process import InfraError
+from billing_dagster.offsets import TopicResetError
 from billing_dagster.operations import OperationError
 from billing_dagster.postgres_db import ServingUnavailableError
 from billing_dagster.settings import ConfigError
@@ -37,6 +42,7 @@ USER_ERRORS = (
     KafkaUnavailableError,
     ReferenceDataError,
     ServingUnavailableError,
+    TopicResetError,
 )
 
 
@@ -77,5 +83,7 @@ for _command in (
     status,
     replay,
     backfill,
+    topic,
+    release_batch,
 ):
     main.add_command(_command)

@@ -53,18 +53,22 @@ def status(topic: str | None, as_json: bool) -> None:
     import json
     import os
 
+    from billing_dagster.cli.topics import resolve_key
     from billing_dagster.contract import RAW_TABLE
     from billing_dagster.delta_lake import committed_offsets
+    from billing_dagster.lost_offsets import acknowledged_gaps
     from billing_dagster.operations import partition_status
     from billing_dagster.reconciliation import latest_reconciliation
     from billing_dagster.serving import serving_marks
 
     settings = load_settings()
-    topic = topic or settings.topic
     lake = lake_location()
     with kafka_client(settings) as client:
-        marks = client.watermarks(topic)  # an unknown topic is one clear error
+        marks = client.watermarks(topic or settings.topic)  # an unknown topic is one clear error
+        # The key its marks are kept under; a recreated topic not yet adopted is reported.
+        topic, recreated = resolve_key(lake, client, topic or settings.topic)
     committed = committed_offsets(lake.open(RAW_TABLE), topic, list(marks))
+    gaps = acknowledged_gaps(lake, topic)
     try:
         serving: dict[int, int] | None = serving_marks(settings.postgres_url, topic)
         serving_error = None
@@ -73,23 +77,20 @@ def status(topic: str | None, as_json: bool) -> None:
     partitions = partition_status(marks, committed, serving)
     last_run, in_progress = None, None
     if os.environ.get("DAGSTER_HOME"):
-        import dagster as dg
-
         from billing_dagster.backfills import dagster_instance
-        from billing_dagster.definitions import INGEST_CONCURRENCY_TAG, INGEST_KINDS
-        from sensors.kafka_offsets import WAITING_OR_RUNNING
+        from sensors.lane import ingest_runs_in_flight
 
         instance = dagster_instance()
         last_run = _last_ingest_run(instance)
-        in_progress = sum(
-            1
-            for run in instance.get_runs(dg.RunsFilter(statuses=WAITING_OR_RUNNING))
-            if run.tags.get(INGEST_CONCURRENCY_TAG) in INGEST_KINDS
-        )
+        # Every run that ingests, however launched (a UI Materialize has no tag).
+        in_progress = len(ingest_runs_in_flight(instance))
     recon = latest_reconciliation(lake)
     report = {
         "topic": topic,
+        "topic_recreated": recreated,
         "lag": sum(p.lag for p in partitions),
+        # Deleted by retention before the lake read them, not acknowledged (in the lag).
+        "lost_offsets": sum(p.lost[1] - p.lost[0] for p in partitions if p.lost),
         "partitions": [
             {
                 "partition": p.partition,
@@ -98,9 +99,11 @@ def status(topic: str | None, as_json: bool) -> None:
                 "lag": p.lag,
                 "lake": p.lake,
                 "serving": p.serving,
+                "lost": list(p.lost) if p.lost else None,
             }
             for p in partitions
         ],
+        "acknowledged_gaps": [g.to_json() for g in gaps],
         # Processed = in the lake and in Postgres; None here: Postgres unknown.
         "serving_unavailable": serving_error,
         "last_run": last_run,
@@ -117,6 +120,8 @@ def status(topic: str | None, as_json: bool) -> None:
         click.echo(json.dumps(report, indent=2))
         return
     click.echo(f"topic {topic}: total lag {report['lag']:,} records")
+    if recreated:
+        click.echo(f"REFUSED: {recreated}")
     if serving_error:
         click.echo(f"Postgres out of reach, lag counts the lake only: {serving_error}")
     click.echo(
@@ -130,6 +135,19 @@ def status(topic: str | None, as_json: bool) -> None:
         click.echo(
             f"{p.partition:>9} {p.end:>12,} {shown(p.processed):>12} {p.lag:>10,} "
             f"{shown(p.lake):>12} {shown(p.serving):>12}"
+        )
+    for p in partitions:
+        if p.lost:
+            click.echo(
+                f"partition {p.partition}: offsets {p.lost[0]:,}-{p.lost[1]:,} were deleted by "
+                "retention before processing; it waits for `billing-dagster topic "
+                f"acknowledge-gap --partition {p.partition} --reason '...'`"
+            )
+    for g in gaps:
+        click.echo(
+            f"acknowledged gap: partition {g.partition} offsets {g.start:,}-{g.end:,} "
+            f"({g.size:,} lost) by {g.acknowledged_by} at {g.acknowledged_at:%Y-%m-%d %H:%M} "
+            f"UTC: {g.reason}"
         )
     if last_run is None:
         where = "" if os.environ.get("DAGSTER_HOME") else " (DAGSTER_HOME not set)"

@@ -80,9 +80,12 @@ def replay(
     Dagster backfill of the ingest assets. Offsets the lake already committed are skipped, so
     a replay is safe to repeat and safe beside the live sensor."""
     import json
+    from dataclasses import replace
 
+    from billing_dagster.cli.topics import resolve_key
     from billing_dagster.contract import RAW_TABLE
     from billing_dagster.delta_lake import committed_offsets
+    from billing_dagster.log_time import RecordingLookup, check_hours
     from billing_dagster.operations import log_hours, parse_moment, plan_replay
 
     settings = load_settings()
@@ -104,13 +107,29 @@ def replay(
         ) as bar,
     ):
         marks = client.watermarks(topic)  # an unknown topic is one clear error
+        # The key its marks are kept under (topic_identity.py); a recreated topic is refused.
+        topic, recreated = resolve_key(lake, client, topic)
+        if recreated:
+            raise OperationError(recreated)
+        lookup = RecordingLookup(lambda moment: client.offsets_for_time(topic, moment))
+        ends = {p: high for p, (_, high) in marks.items()}
         plan = plan_replay(
             topic,
             *moments,
-            offset_lookup=lambda moment: client.offsets_for_time(topic, moment),
-            ends={p: high for p, (_, high) in marks.items()},
+            offset_lookup=lookup,
+            ends=ends,
             committed=committed_offsets(lake.open(RAW_TABLE), topic, list(marks)),
             progress=bar.update,
+        )
+        # Hours a future-dated record hides records from (CreateTime topics, log_time.py).
+        hidden = check_hours(client, topic, log_hours(*moments), lookup, ends)
+        plan = replace(plan, hidden=tuple(hidden))
+    for found in plan.hidden:
+        click.echo(f"warning: {found.describe(topic)}", err=True)
+    if plan.hidden and not plan.hours:
+        raise OperationError(
+            f"nothing to replay by hour: {len(plan.hidden)} hour(s) of that range may hide "
+            "records behind a future-dated one (see the warnings); replay them by offsets"
         )
     summary = plan.to_json()
     if not as_json:

@@ -74,9 +74,14 @@ def reconcile(day: date, as_json: bool) -> None:
         lake, day, load_reference_data(lake), tolerance_pct=_analytics().tolerance_pct()
     )
     write_reconciliation(lake, result)
+    from billing_dagster.topic_identity import current_generation
+
     with kafka_client(settings) as client:
         partitions = sorted(client.end_offsets(settings.topic))
-    invariants = check_all(settings.postgres_url, lake, settings.topic, partitions, [day])
+    # The marks are kept under the topic's current generation key (topic_identity.py).
+    generation = current_generation(lake, settings.topic)
+    key = generation.key if generation else settings.topic
+    invariants = check_all(settings.postgres_url, lake, key, partitions, [day])
     broken = [i for i in invariants if not i.ok]
     if as_json:
         click.echo(

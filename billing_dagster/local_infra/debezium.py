@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
 
-from billing_dagster.alerts import probe_connector
+from billing_dagster.connector_probe import probe_connector
 from billing_dagster.debezium import BILLING_EVENT_TABLES, CDC_TABLES
 from billing_dagster.local_infra.process import (
     REPO_ROOT,
