@@ -304,6 +304,20 @@ def _parsed(schema: dict[str, object]) -> object:
 # ---- encoding (producers, tests, the demo) --------------------------------------------
 
 
+def avro_record(event: BillingEvent) -> dict[str, object]:
+    """An event as the Avro writer takes it (v2.1.0 fields; v1 drops tax_amount)."""
+    return {
+        "event_id": event.event_id,
+        "customer_id": event.customer_id,
+        "transaction_type": event.transaction_type.value,
+        "amount": event.amount,
+        "currency": event.currency,
+        "metadata": event.metadata,
+        "created_at": event.created_at,
+        "tax_amount": event.tax_amount,
+    }
+
+
 class AvroEventEncoder:
     """Confluent-framed Avro for billing events, registering v1 and v2.1.0 on first use."""
 
@@ -318,16 +332,7 @@ class AvroEventEncoder:
 
     def encode(self, event: BillingEvent, *, include_tax_field: bool = True) -> bytes:
         schema_id, parsed = self._schemas[include_tax_field]
-        body = {
-            "event_id": event.event_id,
-            "customer_id": event.customer_id,
-            "transaction_type": event.transaction_type.value,
-            "amount": event.amount,
-            "currency": event.currency,
-            "metadata": event.metadata,
-            "created_at": event.created_at,
-            "tax_amount": event.tax_amount,
-        }
+        body = avro_record(event)
         if not include_tax_field:
             body.pop("tax_amount")
         out = io.BytesIO()

@@ -145,6 +145,18 @@ def _control_character_rule() -> Rule:
     )
 
 
+def _size_rule(name: str, column: str, size: pl.Expr, limit: int, unit: str, setting: str) -> Rule:
+    return Rule(
+        name=name,
+        violated=(size > limit).fill_null(False),
+        message=pl.format(
+            f"{column} is {{}} {unit}, more than the {limit} allowed ({setting}), starting '{{}}'",
+            size,
+            quoted(pl.col(column)),
+        ),
+    )
+
+
 @cache
 def contract_rules(limits: ContractLimits = DEFAULT_LIMITS) -> tuple[Rule, ...]:
     """Conformance of a decoded record to the BillingEvent contract, with these limits.
@@ -152,18 +164,13 @@ def contract_rules(limits: ContractLimits = DEFAULT_LIMITS) -> tuple[Rule, ...]:
     payment) are a separate set."""
     return (
         _missing("event_id"),
-        Rule(
-            name="limit:event_id_length",
-            violated=(pl.col("event_id").str.len_chars() > limits.max_event_id_length).fill_null(
-                False
-            ),
-            message=pl.format(
-                "event_id is {} characters, more than the {} allowed "
-                "(BILLING_MAX_EVENT_ID_LENGTH): '{}'",
-                pl.col("event_id").str.len_chars(),
-                pl.lit(limits.max_event_id_length),
-                quoted(pl.col("event_id")),
-            ),
+        _size_rule(
+            "limit:event_id_length",
+            "event_id",
+            pl.col("event_id").str.len_chars(),
+            limits.max_event_id_length,
+            "characters",
+            "BILLING_MAX_EVENT_ID_LENGTH",
         ),
         _missing("customer_id"),
         Rule(
@@ -231,18 +238,13 @@ def contract_rules(limits: ContractLimits = DEFAULT_LIMITS) -> tuple[Rule, ...]:
                 quoted(pl.col("created_at")),
             ),
         ),
-        Rule(
-            name="limit:metadata_bytes",
-            violated=(pl.col("metadata").str.len_bytes() > limits.max_metadata_bytes).fill_null(
-                False
-            ),
-            message=pl.format(
-                "metadata is {} bytes, more than the {} allowed "
-                "(BILLING_MAX_METADATA_BYTES), starting '{}'",
-                pl.col("metadata").str.len_bytes(),
-                pl.lit(limits.max_metadata_bytes),
-                quoted(pl.col("metadata")),
-            ),
+        _size_rule(
+            "limit:metadata_bytes",
+            "metadata",
+            pl.col("metadata").str.len_bytes(),
+            limits.max_metadata_bytes,
+            "bytes",
+            "BILLING_MAX_METADATA_BYTES",
         ),
         _control_character_rule(),
     )

@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from billing_dagster.alerts import circuit_breaker_alert
-from billing_dagster.avro_format import SchemaRegistrySource, frame_avro
+from billing_dagster.avro_format import SchemaRegistrySource, avro_record, frame_avro
 from billing_dagster.circuit_breaker import (
     BREAKER_RULE_TAG,
     BREAKER_TAG,
@@ -35,7 +35,6 @@ from billing_dagster.contract import (
     KAFKA_RECORD_SCHEMA,
     QUARANTINE_TABLE,
     RAW_TABLE,
-    BillingEvent,
 )
 from billing_dagster.decoding import ValueFormat, decode_records
 from billing_dagster.definitions import INGEST_CONCURRENCY_TAG, build_resources
@@ -135,19 +134,6 @@ def test_the_message_names_the_rule_share_sample_and_what_to_do():
     assert "BILLING_TOPIC_FORMATS" in framing.message("run-43")
 
 
-def avro_body(event: BillingEvent) -> dict[str, object]:
-    return {
-        "event_id": event.event_id,
-        "customer_id": event.customer_id,
-        "transaction_type": event.transaction_type.value,
-        "amount": event.amount,
-        "currency": event.currency,
-        "metadata": event.metadata,
-        "created_at": event.created_at,
-        "tax_amount": event.tax_amount,
-    }
-
-
 @pytest.mark.parametrize("configured", [ValueFormat.AVRO, ValueFormat.JSON])
 def test_a_topic_configured_with_the_wrong_encoding_holds_its_batch(configured: ValueFormat):
     """A JSON topic set to avro in BILLING_TOPIC_FORMATS, or an Avro topic set to json."""
@@ -156,7 +142,7 @@ def test_a_topic_configured_with_the_wrong_encoding_holds_its_batch(configured: 
     if configured is ValueFormat.AVRO:
         values = [e.to_json_bytes() for e in events]
     else:
-        values = [frame_avro(1, AVRO_SCHEMA_V2, avro_body(e)) for e in events]
+        values = [frame_avro(1, AVRO_SCHEMA_V2, avro_record(e)) for e in events]
     batch = pl.DataFrame(
         {
             "kafka_topic": ["billing-events"] * len(values),
