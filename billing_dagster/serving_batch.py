@@ -318,21 +318,19 @@ def _copy_isolating(
     cursor.execute("RELEASE SAVEPOINT staging_copy")
 
 
-#: Customers whose balance would leave DECIMAL(12,2) somewhere in the batch, in Kafka
-#: order; only their rows are then judged one by one (balance_overflow.py).
-_OVERFLOWING_CUSTOMERS = """
-SELECT DISTINCT r.customer_id FROM (
-    SELECT s.customer_id,
-           coalesce(b.current_balance, 0) + sum(s.amount_usd) OVER (
-               PARTITION BY s.customer_id ORDER BY s.kafka_partition, s.kafka_offset
-               ROWS UNBOUNDED PRECEDING) AS running
-    FROM staging_history s LEFT JOIN customer_balances b USING (customer_id)
-) r WHERE abs(r.running) > %s
+#: Customers whose balance *could* leave DECIMAL(12,2) in this batch: |balance| plus the
+#: sum of |amounts| passes the limit. A bound, not the answer (a hash aggregate, no sort):
+#: only these customers' rows are then judged exactly, in Kafka order (balance_overflow.py).
+_CUSTOMERS_NEAR_THE_LIMIT = """
+SELECT s.customer_id
+FROM staging_history s LEFT JOIN customer_balances b USING (customer_id)
+GROUP BY s.customer_id, b.current_balance
+HAVING abs(coalesce(b.current_balance, 0)) + sum(abs(s.amount_usd)) > %s
 """
 
 
 def _refuse_overflows(cursor: psycopg2.extensions.cursor) -> list[Refusal]:
-    cursor.execute(_OVERFLOWING_CUSTOMERS, (MONEY_MAX,))
+    cursor.execute(_CUSTOMERS_NEAR_THE_LIMIT, (MONEY_MAX,))
     customers = [c for (c,) in cursor.fetchall()]
     if not customers:
         return []
