@@ -1,21 +1,23 @@
-"""hourly_revenue, daily_revenue and customer_metrics: refreshed in every micro-batch run,
-right after the ingest step, for the event days the batch touched."""
+"""hourly_revenue, daily_revenue and customer_metrics: refreshed by the coalescing job
+`refresh_revenue` (off the ingest runs), up to the billing_events version its blocking
+quality check judged, for the event days changed since the previous refresh."""
 
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import dagster as dg
 
-from assets.ingest import BILLING_EVENTS, INGEST_POOL
-from assets.quality_checks import QUALITY_CHECK
+from assets.ingest import BILLING_EVENTS
+from assets.pools import LAKE_POOL
+from assets.quality_checks import JUDGED_VERSION, QUALITY_CHECK
 from billing_dagster.aggregates import (
     AGGREGATE_TABLES,
     AggregateRefresh,
     AggregateTable,
     read_aggregate,
-    refresh_aggregates,
 )
 from billing_dagster.quality import validate_frame
+from billing_dagster.revenue_refresh import refresh_to
 from resources import DeltaLakeResource, RevenueAnalyticsResource
 
 AGGREGATES_OP = "refresh_revenue_aggregates"
@@ -63,12 +65,33 @@ def refresh_metadata(refresh: AggregateRefresh, table: AggregateTable) -> dict[s
     return metadata
 
 
+def judged_version(context: dg.AssetExecutionContext) -> int | None:
+    """The billing_events version this run's quality check judged and passed (looked up
+    through the runs it re-executes, whose check step it did not repeat); None if no
+    check ran (a Materialize of the aggregates alone): then the current version."""
+    run = context.run
+    for _ in range(10):
+        for record in context.instance.get_records_for_run(
+            run.run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION
+        ).records:
+            evaluation = record.event_log_entry.dagster_event.event_specific_data
+            if evaluation.asset_key == BILLING_EVENTS and evaluation.check_name == QUALITY_CHECK:
+                judged = evaluation.metadata.get(JUDGED_VERSION)
+                return None if judged is None or judged.value < 0 else int(judged.value)
+        parent = run.parent_run_id and context.instance.get_run_by_id(run.parent_run_id)
+        if not parent:
+            return None
+        run = parent
+    return None
+
+
 def build_aggregate_assets() -> dg.AssetsDefinition:
     @dg.multi_asset(
         name=AGGREGATES_OP,
         group_name="revenue",
-        # In the lane: a Materialize from the UI must not MERGE beside a batch or compaction.
-        pool=INGEST_POOL,
+        # One lake writer of the aggregates at a time, however launched: the refresh,
+        # reconciliation and compaction all merge or acknowledge into them.
+        pool=LAKE_POOL,
         specs=[
             dg.AssetSpec(
                 _asset_name(t),
@@ -96,8 +119,10 @@ def build_aggregate_assets() -> dg.AssetsDefinition:
         analytics: RevenueAnalyticsResource,
     ) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
         location = lake.location()
-        refresh = refresh_aggregates(
-            location, allowed_lateness=analytics.allowed_lateness(), now=datetime.now(UTC)
+        # Exactly what the blocking check judged, not what lanes committed since.
+        version = judged_version(context)
+        refresh = refresh_to(
+            location, version, allowed_lateness=analytics.allowed_lateness(), now=datetime.now(UTC)
         )
         if refresh.late_events:
             context.log.info(

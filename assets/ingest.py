@@ -3,6 +3,7 @@ from dataclasses import replace
 import dagster as dg
 from dagster._core.storage.tags import RETRY_ON_ASSET_OR_OP_FAILURE_TAG
 
+from assets.pools import INGEST_POOL
 from billing_dagster.circuit_breaker import (
     BREAKER_RULE_TAG,
     BREAKER_TAG,
@@ -16,6 +17,7 @@ from billing_dagster.delta_lake import LakeLocation
 from billing_dagster.enrichment import ReferenceDataError
 from billing_dagster.ingest import IngestReport, ingest_offsets
 from billing_dagster.kafka_io import KafkaClient, OffsetsLostError
+from billing_dagster.lanes import ALL_LANES, LANE_TAG
 from billing_dagster.log_time import HiddenRecords, RecordingLookup, check_hours
 from billing_dagster.lost_offsets import describe_lost
 from billing_dagster.offsets import (
@@ -27,7 +29,6 @@ from billing_dagster.offsets import (
     ranges_to_text,
 )
 from billing_dagster.postgres_db import ServingUnavailableError
-from billing_dagster.quality import import_in_background
 from billing_dagster.schema_registry import SchemaRegistryUnavailableError
 from billing_dagster.serving import ServingGapError
 from billing_dagster.serving_batch import ServingRefusedError
@@ -47,10 +48,6 @@ from resources import (
 INGEST_OP = "ingest_billing_batch"
 #: The job of the ingest lane (its runs carry the billing/ingest tag).
 INGEST_JOB = "ingest_billing_events"
-#: The ingest lane: a Dagster concurrency pool (limit 1 and run granularity in
-#: dev/dagster.yaml) on every step that writes the lake or Postgres or reads them whole, so
-#: the sensor's runs, replays, backfills and UI materializations run one at a time.
-INGEST_POOL = "billing_ingest"
 RAW_BILLING_EVENTS = dg.AssetKey("raw_billing_events")
 BILLING_EVENTS = dg.AssetKey("billing_events")
 CUSTOMER_BALANCES = dg.AssetKey("customer_balances")
@@ -262,7 +259,6 @@ def build_ingest_assets(partitions_def: dg.PartitionsDefinition) -> dg.AssetsDef
         billing_rules: BillingRulesResource,
         postgres: PostgresServingResource,
     ):
-        import_in_background()  # for the quality checks that follow in this run
         topic = config.topic or kafka.topic
         location = lake.location()
         try:
@@ -338,7 +334,12 @@ def build_ingest_assets(partitions_def: dg.PartitionsDefinition) -> dg.AssetsDef
                 "covered offsets an earlier run left uncommitted: "
                 + ranges_to_json(report.plan.gaps_covered)
             )
-        yield dg.MaterializeResult(asset_key=RAW_BILLING_EVENTS, metadata=raw_metadata(report))
+        # The lane (billing_dagster/lanes.py) beside the offsets, so the asset's history
+        # in the UI tells the lanes' batches apart ("all": every partition of the hour).
+        lane = {"lane": context.run.tags.get(LANE_TAG, ALL_LANES)}
+        yield dg.MaterializeResult(
+            asset_key=RAW_BILLING_EVENTS, metadata={**raw_metadata(report), **lane}
+        )
         yield dg.MaterializeResult(
             asset_key=BILLING_EVENTS,
             metadata=billing_events_metadata(report, dict(cleaning.reference.versions or {})),

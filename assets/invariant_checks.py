@@ -1,13 +1,16 @@
 """The serving invariants (billing_dagster/invariants.py) as Dagster asset checks.
 
 They run in their own job, `check_serving_invariants`, every 15 minutes and in the daily
-reconciliation, queued in the ingest lane so they never see a half-applied batch; a
-failure raises the "Serving Invariant Broken" alert (docs/runbooks/serving-invariant-broken.md).
+reconciliation. Ingest lanes commit in parallel, so they compare Postgres with the lake
+while holding the lake barrier (billing_dagster/lake_barrier.py): no batch is between its
+first and last commit then. A failure raises the "Serving Invariant Broken" alert
+(docs/runbooks/serving-invariant-broken.md).
 """
 
 import dagster as dg
 
-from assets.ingest import CUSTOMER_BALANCES, INGEST_POOL, TRANSACTION_HISTORY
+from assets.ingest import CUSTOMER_BALANCES, TRANSACTION_HISTORY
+from assets.pools import LAKE_POOL
 from billing_dagster.invariants import (
     BALANCES_EQUAL_HISTORY,
     HISTORY_MATCHES_BILLING_EVENTS,
@@ -17,22 +20,27 @@ from billing_dagster.invariants import (
     history_matches_billing_events,
     marks_match_lake,
 )
+from billing_dagster.lake_barrier import LakeBusyError, lake_at_rest
 from billing_dagster.postgres_db import ServingUnavailableError
 from billing_dagster.topic_identity import current_generation
 from resources import DeltaLakeResource, KafkaResource, PostgresServingResource
+
+
+def _unavailable(check: dg.AssetCheckKey, exc: ServingUnavailableError) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(
+        check_name=check.name,
+        asset_key=check.asset_key,
+        passed=False,
+        severity=dg.AssetCheckSeverity.WARN,
+        description=str(exc),
+    )
 
 
 def _result(check: dg.AssetCheckKey, evaluate) -> dg.AssetCheckResult:
     try:
         result: InvariantResult = evaluate()
     except ServingUnavailableError as exc:
-        return dg.AssetCheckResult(
-            check_name=check.name,
-            asset_key=check.asset_key,
-            passed=False,
-            severity=dg.AssetCheckSeverity.WARN,
-            description=str(exc),
-        )
+        return _unavailable(check, exc)
     return dg.AssetCheckResult(
         check_name=check.name,
         asset_key=check.asset_key,
@@ -71,14 +79,16 @@ def build_invariant_checks() -> dg.AssetChecksDefinition:
                 marks.name,
                 asset=marks.asset_key,
                 description=(
-                    "Postgres' next offset per Kafka partition = the lake's (checked between "
-                    "ingest runs: this job queues in their lane)."
+                    "Postgres' next offset per Kafka partition = the lake's (compared with "
+                    "no batch mid-commit: under the lake barrier)."
                 ),
             ),
         ],
         can_subset=True,
-        # Marks are compared between batches only, whoever launches the check.
-        pool=INGEST_POOL,
+        # Whole-store reads, one at a time with the lake's other readers and rewriters.
+        pool=LAKE_POOL,
+        # The barrier not granted in time (a batch stuck mid-commit): tried again later.
+        retry_policy=dg.RetryPolicy(max_retries=3, delay=30, backoff=dg.Backoff.EXPONENTIAL),
     )
     def serving_invariants(
         context: dg.AssetCheckExecutionContext,
@@ -87,15 +97,24 @@ def build_invariant_checks() -> dg.AssetChecksDefinition:
         kafka: KafkaResource,
     ):
         location = lake.location()
+        selected = [key for key in INVARIANT_CHECKS if key in context.selected_asset_check_keys]
+        # Kafka is asked before the barrier is taken: batches wait only for the comparison.
+        partitions = _partitions(kafka) if marks in selected else []
         evaluations = {
             balances: lambda: balances_equal_history(postgres.url),
             history: lambda: history_matches_billing_events(postgres.url, location),
             marks: lambda: marks_match_lake(
-                postgres.url, location, _topic_key(location, kafka.topic), _partitions(kafka)
+                postgres.url, location, _topic_key(location, kafka.topic), partitions
             ),
         }
-        for key in context.selected_asset_check_keys:
-            yield _result(key, evaluations[key])
+        try:
+            with lake_at_rest(postgres.url):
+                results = [_result(key, evaluations[key]) for key in selected]
+        except LakeBusyError as exc:
+            raise dg.Failure(str(exc)) from exc
+        except ServingUnavailableError as exc:  # Postgres away: reported, not failed
+            results = [_unavailable(key, exc) for key in selected]
+        yield from results
 
     return serving_invariants
 

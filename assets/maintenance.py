@@ -5,12 +5,19 @@ from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 
-from assets.ingest import INGEST_POOL
-from billing_dagster.aggregates import refresh_aggregates
+from assets.pools import LAKE_POOL
 from billing_dagster.compaction import acknowledge_compaction, compact_hours, vacuum_table
 from billing_dagster.contract import BILLING_EVENTS_TABLE, QUARANTINE_TABLE, RAW_TABLE
+from billing_dagster.lake_barrier import LakeBusyError, lake_at_rest
 from billing_dagster.offsets import hour_start
-from resources import DeltaLakeResource, RevenueAnalyticsResource
+from billing_dagster.postgres_db import ServingUnavailableError
+from billing_dagster.revenue_refresh import checked_refresh
+from resources import (
+    BillingRulesResource,
+    DeltaLakeResource,
+    PostgresServingResource,
+    RevenueAnalyticsResource,
+)
 
 COMPACTED_TABLES = (RAW_TABLE, BILLING_EVENTS_TABLE)
 
@@ -27,34 +34,54 @@ class VacuumConfig(dg.Config):
     retention_hours: int = 168
 
 
-# Both in the ingest lane: compaction acknowledges its commit only if no batch landed.
+# Compaction holds the lake barrier from its refresh to its acknowledgment: lanes append
+# in parallel, and a batch committed in between would make the acknowledgment wrong (its
+# rows must still reach the aggregates) or, landing in a compacted hour, conflict.
 @dg.op(
     description="Compact the last finished event hours of raw/ and billing_events/.",
-    pool=INGEST_POOL,
+    pool=LAKE_POOL,
+    retry_policy=dg.RetryPolicy(max_retries=3, delay=30, backoff=dg.Backoff.EXPONENTIAL),
 )
 def compact_event_hours(
     context: dg.OpExecutionContext,
     config: CompactionConfig,
     lake: DeltaLakeResource,
     analytics: RevenueAnalyticsResource,
+    postgres: PostgresServingResource,
+    billing_rules: BillingRulesResource,
 ) -> None:
     location = lake.location()
     now = hour_start(datetime.now(UTC))
     hours = [now - timedelta(hours=back) for back in range(config.hours, 0, -1)]
-    # The aggregates reflect billing_events first, so the compacted version can be
-    # acknowledged as changing nothing (no ingest run writes meanwhile: same run queue).
-    refresh_aggregates(location, allowed_lateness=analytics.allowed_lateness())
-    for name in COMPACTED_TABLES:
-        result = compact_hours(location, name, hours)
-        acknowledged = acknowledge_compaction(location, result)
-        context.log.info(
-            f"{name}: {result.files_removed} files -> {result.files_added} in "
-            f"{result.partitions} hours"
-            + (f"; acknowledged by {', '.join(acknowledged)}" if acknowledged else "")
-        )
+    try:
+        with lake_at_rest(postgres.url):
+            # The aggregates reflect billing_events first (no batch commits meanwhile), so
+            # the compacted version can be acknowledged as changing nothing.
+            checked = checked_refresh(
+                location,
+                supported_currencies=billing_rules.supported_currencies,
+                allowed_lateness=analytics.allowed_lateness(),
+            )
+            for name in COMPACTED_TABLES:
+                if name == BILLING_EVENTS_TABLE and checked.refresh is None:
+                    # Unacknowledged, the rewrite would count old events as late once the
+                    # held rows are fixed: billing_events waits for a later compaction.
+                    context.log.warning(f"{name} not compacted: {checked.held()}")
+                    continue
+                result = compact_hours(location, name, hours)
+                acknowledged = acknowledge_compaction(location, result)
+                context.log.info(
+                    f"{name}: {result.files_removed} files -> {result.files_added} in "
+                    f"{result.partitions} hours"
+                    + (f"; acknowledged by {', '.join(acknowledged)}" if acknowledged else "")
+                )
+    except (LakeBusyError, ServingUnavailableError) as exc:
+        raise dg.Failure(str(exc)) from exc
 
 
-@dg.op(description="Vacuum raw/, billing_events/ and quarantine/.", pool=INGEST_POOL)
+# Vacuum takes no barrier: it deletes only files no version of the retention window
+# refers to, which no batch (appending new files) or reader of a recent version touches.
+@dg.op(description="Vacuum raw/, billing_events/ and quarantine/.", pool=LAKE_POOL)
 def vacuum_lake_tables(
     context: dg.OpExecutionContext, config: VacuumConfig, lake: DeltaLakeResource
 ) -> None:

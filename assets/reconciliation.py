@@ -1,11 +1,18 @@
-"""daily_reconciliation (scheduled for the previous day) and the month-end report."""
+"""daily_reconciliation (scheduled for the previous day) and the month-end report.
+
+Ingest lanes commit in parallel, so the daily reconciliation reads what it compares (the
+aggregates against raw/) while holding the lake barrier (billing_dagster/lake_barrier.py),
+after bringing the aggregates up to the lake in the same hold: it compares neither half a
+batch nor revenue that lags the lake.
+"""
 
 from collections.abc import Iterator
 from datetime import UTC, date, datetime
 
 import dagster as dg
 
-from assets.ingest import INGEST_POOL, RAW_BILLING_EVENTS
+from assets.ingest import RAW_BILLING_EVENTS
+from assets.pools import LAKE_POOL
 from billing_dagster.contract import (
     DISCREPANCIES_TABLE,
     MONTHLY_REPORT_TABLE,
@@ -13,17 +20,27 @@ from billing_dagster.contract import (
     RECONCILIATION_TABLE,
 )
 from billing_dagster.enrichment import ReferenceDataError, load_reference_data
+from billing_dagster.lake_barrier import LakeBusyError, lake_at_rest
 from billing_dagster.monthly_report import monthly_report, write_monthly_report
 from billing_dagster.oltp_reconciliation import reconcile_oltp_day, write_oltp_reconciliation
 from billing_dagster.postgres_db import ServingUnavailableError
 from billing_dagster.reconciliation import reconcile_day, write_reconciliation
-from resources import DeltaLakeResource, OltpSourceResource, RevenueAnalyticsResource
+from billing_dagster.revenue_refresh import checked_refresh
+from resources import (
+    BillingRulesResource,
+    DeltaLakeResource,
+    OltpSourceResource,
+    PostgresServingResource,
+    RevenueAnalyticsResource,
+)
 
 DAILY_RECONCILIATION = dg.AssetKey("daily_reconciliation")
 MONTHLY_REPORT = dg.AssetKey("monthly_reconciliation_report")
 OLTP_RECONCILIATION = dg.AssetKey("oltp_reconciliation")
 WITHIN_TOLERANCE = "within_tolerance"
 MATCHES_OLTP = "matches_oltp"
+#: A barrier not granted (a batch stuck mid-commit) or Postgres away: retried later.
+BARRIER_RETRY = dg.RetryPolicy(max_retries=3, delay=30, backoff=dg.Backoff.EXPONENTIAL)
 
 
 def _reference(lake: DeltaLakeResource):
@@ -40,8 +57,9 @@ def build_reconciliation_assets(
         key=DAILY_RECONCILIATION,
         partitions_def=daily,
         group_name="reconciliation",
-        # In the lane, however launched: it never compares a half-applied batch.
-        pool=INGEST_POOL,
+        # One lake reader-rewriter at a time; the barrier keeps batches out while it reads.
+        pool=LAKE_POOL,
+        retry_policy=BARRIER_RETRY,
         deps=["daily_revenue", "customer_metrics", RAW_BILLING_EVENTS],
         kinds={"polars", "delta"},
         description=(
@@ -63,17 +81,33 @@ def build_reconciliation_assets(
         context: dg.AssetExecutionContext,
         lake: DeltaLakeResource,
         analytics: RevenueAnalyticsResource,
+        postgres: PostgresServingResource,
+        billing_rules: BillingRulesResource,
     ) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
         day = date.fromisoformat(context.partition_key)
         location = lake.location()
-        result = reconcile_day(
-            location,
-            day,
-            _reference(lake),
-            tolerance_pct=analytics.tolerance_pct(),
-            run_id=context.run.run_id,
-            now=datetime.now(UTC),
-        )
+        reference = _reference(lake)
+        try:
+            with lake_at_rest(postgres.url):
+                # The aggregates first, through the same blocking check as the refresh job.
+                checked = checked_refresh(
+                    location,
+                    supported_currencies=billing_rules.supported_currencies,
+                    allowed_lateness=analytics.allowed_lateness(),
+                )
+                if checked.refresh is None:
+                    # Reconciling aggregates held back would report their lag as a mismatch.
+                    raise dg.Failure(checked.held(), allow_retries=False)
+                result = reconcile_day(
+                    location,
+                    day,
+                    reference,
+                    tolerance_pct=analytics.tolerance_pct(),
+                    run_id=context.run.run_id,
+                    now=datetime.now(UTC),
+                )
+        except (LakeBusyError, ServingUnavailableError) as exc:
+            raise dg.Failure(str(exc)) from exc
         write_reconciliation(location, result)
         metadata = result.metadata()
         if not result.within_tolerance:
@@ -153,7 +187,7 @@ def build_oltp_reconciliation_asset(daily: dg.DailyPartitionsDefinition) -> dg.A
         key=OLTP_RECONCILIATION,
         partitions_def=daily,
         group_name="reconciliation",
-        pool=INGEST_POOL,
+        pool=LAKE_POOL,
         deps=["billing_events"],
         kinds={"postgres", "delta"},
         description=(
@@ -178,6 +212,9 @@ def build_oltp_reconciliation_asset(daily: dg.DailyPartitionsDefinition) -> dg.A
         analytics: RevenueAnalyticsResource,
     ) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
         day = date.fromisoformat(context.partition_key)
+        # No barrier: it compares one billing_events snapshot with the OLTP source, and a
+        # snapshot is never half a batch (Postgres, which a batch commits in between, is
+        # not read here); lanes go on meanwhile.
         try:
             result = reconcile_oltp_day(
                 lake.location(), oltp.url, day, tolerance_pct=analytics.tolerance_pct()

@@ -10,7 +10,6 @@ balances were committed) and Dagster's event log (the step profile).
 from __future__ import annotations
 
 import os
-import shutil
 import statistics
 import tempfile
 import time
@@ -22,14 +21,16 @@ from pathlib import Path
 
 import polars as pl
 
-from billing_dagster.contract import RAW_TABLE
+from billing_dagster.aggregates import AGGREGATE_TABLES, reflected_version
+from billing_dagster.contract import BILLING_EVENTS_TABLE, RAW_TABLE
 from billing_dagster.delta_lake import LakeLocation, committed_offsets
 from billing_dagster.enrichment import write_reference_data
 from billing_dagster.kafka_io import KafkaClient, KafkaSettings, ensure_topic
-from billing_dagster.local_infra.dagster import dagster_daemon
+from billing_dagster.local_infra.celery import BROKER_URL_ENV, CeleryWorkers, pool_size
+from billing_dagster.local_infra.dagster import ENGINES, dagster_daemon, write_instance_yaml
 from billing_dagster.local_infra.kafka import ApacheKafka
 from billing_dagster.local_infra.postgres import LocalPostgres
-from billing_dagster.local_infra.process import REPO_ROOT
+from billing_dagster.local_infra.redis import LocalRedis
 from billing_dagster.postgres_db import connect, migrate
 from billing_dagster.synthetic import SyntheticBillingStream
 
@@ -49,9 +50,37 @@ class Stack:
     env: dict[str, str]
 
 
+def add_engine_arguments(parser) -> None:
+    """--engine, --lanes, --workers, --concurrency: how the benchmark's runs execute."""
+    parser.add_argument("--engine", choices=ENGINES, default="celery")
+    parser.add_argument("--lanes", type=int, default=2, help="BILLING_INGEST_LANES")
+    parser.add_argument("--workers", type=int, default=2, help="Celery workers")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="runs per Celery worker (default: enough "
+        "pool processes for the run queue's max_concurrent_runs)",
+    )
+
+
+def engine_settings(args) -> dict[str, object]:
+    return {
+        "engine": args.engine,
+        "workers": args.workers,
+        "concurrency": args.concurrency,
+        "extra_env": {"BILLING_INGEST_LANES": str(args.lanes)},
+    }
+
+
 @contextmanager
 def pipeline_stack(
-    *, customers: int = 5_000, extra_env: dict[str, str] | None = None
+    *,
+    customers: int = 5_000,
+    extra_env: dict[str, str] | None = None,
+    engine: str = "celery",
+    workers: int = 2,
+    concurrency: int | None = None,
 ) -> Iterator[Stack]:
     with ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-")))
@@ -64,8 +93,11 @@ def pipeline_stack(
         lake = LakeLocation(str(workdir / "lake"))
         write_reference_data(lake, SyntheticBillingStream(customers=customers).reference_data())
         home = workdir / "dagster_home"
-        home.mkdir()
-        shutil.copy(REPO_ROOT / "dev" / "dagster.yaml", home / "dagster.yaml")
+        write_instance_yaml(home, engine)
+        engine_env = {}
+        if engine == "celery":
+            redis = stack.enter_context(LocalRedis())
+            engine_env[BROKER_URL_ENV] = redis.url
         env = {
             "DAGSTER_HOME": str(home),
             "DAGSTER_POSTGRES_URL": postgres.url,
@@ -74,10 +106,20 @@ def pipeline_stack(
             "BILLING_LAKE_ROOT": lake.root,
             "BILLING_POSTGRES_URL": serving_url,
             "BILLING_START_FROM": "earliest",
+            **engine_env,
             **(extra_env or {}),
         }
         # This process reads Dagster's instance (the step profile) with the same settings.
         os.environ.update(env)
+        if engine == "celery":
+            stack.enter_context(
+                CeleryWorkers(
+                    env,
+                    count=workers,
+                    concurrency=concurrency or pool_size(workers),
+                    workdir=workdir / "celery",
+                )
+            )
         yield Stack(
             kafka.bootstrap_servers,
             topic,
@@ -115,13 +157,22 @@ def balance_offsets(stack: Stack) -> dict[int, int]:
         return dict(cursor.fetchall())
 
 
+def aggregates_caught_up(stack: Stack) -> bool:
+    """The revenue aggregates reflect the newest billing_events version."""
+    source = stack.lake.open(BILLING_EVENTS_TABLE)
+    if source is None:
+        return False
+    version = source.version()
+    return all(reflected_version(stack.lake, table) == version for table in AGGREGATE_TABLES)
+
+
 def caught_up(stack: Stack, ends: dict[int, int]) -> bool:
-    """Every offset is in the lake and in the balances."""
+    """Every offset is in the lake and in the balances, and the aggregates reflect it."""
     lake = lake_offsets(stack)
     balances = balance_offsets(stack)
     return all(
         (lake.get(p) or 0) >= end and balances.get(p, 0) >= end for p, end in ends.items() if end
-    )
+    ) and aggregates_caught_up(stack)
 
 
 def wait_until(predicate, timeout_s: float, every_s: float = 1.0) -> float:
@@ -225,3 +276,26 @@ def print_profile(phases: dict[str, list[float]]) -> None:
     print(f"{'phase':58s} {'runs':>5s} {'mean s':>8s} {'total s':>8s}")
     for name, values in sorted(phases.items(), key=lambda item: -sum(item[1])):
         print(f"{name:58s} {len(values):5d} {statistics.fmean(values):8.2f} {sum(values):8.1f}")
+
+
+def print_lane_overlap(records) -> None:
+    """Per lane: runs and busy seconds; and how much of the time lanes ran side by side."""
+    spans: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for record in records:
+        if record.start_time and record.end_time:
+            lane = record.dagster_run.tags.get("billing/lane", "?")
+            spans[lane].append((record.start_time, record.end_time))
+    if not spans:
+        return
+    edges = sorted((t, d) for runs in spans.values() for s, e in runs for t, d in ((s, 1), (e, -1)))
+    running, last, parallel, busy = 0, edges[0][0], 0.0, 0.0
+    for moment, change in edges:
+        if running:
+            busy += moment - last
+        if running > 1:
+            parallel += moment - last
+        running += change
+        last = moment
+    for lane, runs in sorted(spans.items()):
+        print(f"lane {lane:6s} {len(runs):4d} runs, {sum(e - s for s, e in runs):8.1f} s running")
+    print(f"some lane running {busy:.1f} s; two or more lanes at once {parallel:.1f} s")

@@ -28,12 +28,15 @@ from datetime import UTC, datetime
 import dagster as dg
 import polars as pl
 from harness import (
+    add_engine_arguments,
     caught_up,
     daemon,
     end_offsets,
+    engine_settings,
     latencies,
     percentiles,
     pipeline_stack,
+    print_lane_overlap,
     print_profile,
     step_profile,
     wait_until,
@@ -77,6 +80,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=1000.0, help="events per second")
     parser.add_argument("--duration", type=float, default=180.0, help="seconds of load")
     parser.add_argument("--interval", type=int, default=2, help="sensor interval, seconds")
+    add_engine_arguments(parser)
     args = parser.parse_args()
     logging.getLogger("dagster").setLevel(logging.WARNING)
     print(f"machine: {machine()}")
@@ -84,9 +88,14 @@ def main() -> None:
         f"load: {args.rate:,.0f} events/s for {args.duration:g} s; sensor every "
         f"{args.interval} s; Kafka, Postgres, dagster-daemon and its runs on this machine"
     )
-    extra = {"BILLING_SENSOR_INTERVAL_SECONDS": str(args.interval)}
+    engine = engine_settings(args)
+    extra = {"BILLING_SENSOR_INTERVAL_SECONDS": str(args.interval), **engine.pop("extra_env")}
+    print(
+        f"engine: {args.engine}, {args.lanes} lane(s)"
+        + (f", {args.workers} worker(s)" if args.engine == "celery" else "")
+    )
     with (
-        pipeline_stack(customers=CUSTOMERS, extra_env=extra) as stack,
+        pipeline_stack(customers=CUSTOMERS, extra_env=extra, **engine) as stack,
         dg.DagsterInstance.get() as instance,
         daemon(stack),
     ):
@@ -149,6 +158,7 @@ def main() -> None:
         f"ingest runs: {len(records)}, records per run mean {statistics.fmean(sizes):,.0f} "
         f"(max {max(sizes):,}), run time mean {statistics.fmean(durations):.1f} s"
     )
+    print_lane_overlap(records)
     print()
     print_profile(profile)
 

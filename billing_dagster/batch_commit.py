@@ -24,7 +24,7 @@ from billing_dagster.contract import (
     RAW_EVENT_SCHEMA,
     RAW_TABLE,
 )
-from billing_dagster.decisions import set_aside_refused
+from billing_dagster.decisions import set_aside_applied_elsewhere, set_aside_refused
 from billing_dagster.decoding import DecodedBatch
 from billing_dagster.delta_lake import (
     AppendResult,
@@ -108,13 +108,12 @@ def commit_decisions(
             serving_url, cleaned.accepted, topic=topic, ranges=ranges, run_id=run_id
         ) as staged:
             clock.lap("serving_stage")
+            decided = committed_offsets(tables.events, topic, sorted(ranges))
             cleaned = set_aside_refused(
-                cleaned,
-                decoded.events,
-                staged.refused,
-                committed_offsets(tables.events, topic, sorted(ranges)),
-                run_id=run_id,
-                now=now,
+                cleaned, decoded.events, staged.refused, decided, run_id=run_id, now=now
+            )
+            cleaned = set_aside_applied_elsewhere(
+                cleaned, decoded.events, staged.applied_elsewhere, decided, run_id=run_id, now=now
             )
             step("staged")
             accepted = _append_billing_events(lake, tables, topic, cleaned, processed_up_to)

@@ -37,6 +37,9 @@ IDENTITY_FIELDS = ("customer_id", "transaction_type", "amount", "currency")
 #: Columns read from billing_events to dedupe a batch against what was already accepted.
 PRIOR_COLUMNS = ("event_id", "kafka_topic", "kafka_partition", "kafka_offset", *IDENTITY_FIELDS)
 
+#: An event_id delivered again with different content: the first delivery stands.
+CONFLICT_RULE = "duplicate:conflict"
+
 DUPLICATES_SCHEMA: dict[str, pl.DataType] = {
     "event_id": pl.String(),
     "kafka_partition": pl.Int32(),
@@ -213,7 +216,7 @@ def _conflicts(redeliveries: pl.DataFrame) -> pl.DataFrame:
     """The redeliveries differing from their first delivery, labelled for quarantine."""
     return redeliveries.filter(~pl.col("_dup")).with_columns(
         stage=pl.lit("dedupe"),
-        rules=pl.lit(["duplicate:conflict"], dtype=pl.List(pl.String)),
+        rules=pl.lit([CONFLICT_RULE], dtype=pl.List(pl.String)),
         reason=pl.col("_reason"),
     )
 

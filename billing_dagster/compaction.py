@@ -7,8 +7,9 @@ Compacting a finished hour rewrites its files as a few large ones without changi
 
 Compaction must not look like new data to the aggregate refresh, which recomputes the
 days whose billing_events files changed and counts events in new files as late. It runs
-while no ingest run can write (the same run-queue limit), brings the aggregates up to
-date first, and afterwards records the compacted version as reflected by them.
+while no batch can commit (the lake barrier, lake_barrier.lake_at_rest: ingest lanes
+append in parallel), brings the aggregates up to date first, and afterwards records the
+compacted version as reflected by them, only if its own commits are all that happened.
 """
 
 from __future__ import annotations
@@ -19,7 +20,12 @@ from datetime import datetime
 
 from deltalake import CommitProperties, Transaction, write_deltalake
 
-from billing_dagster.aggregates import AGGREGATE_TABLES, SOURCE_APP_ID, reflected_version
+from billing_dagster.aggregates import (
+    AGGREGATE_TABLES,
+    SOURCE_APP_ID,
+    AggregateTable,
+    reflected_version,
+)
 from billing_dagster.contract import BILLING_EVENTS_TABLE, EVENT_HOUR_PARTITIONS
 from billing_dagster.delta_lake import LakeLocation
 
@@ -73,7 +79,7 @@ def acknowledge_compaction(lake: LakeLocation, result: CompactionResult) -> list
     source = lake.open(BILLING_EVENTS_TABLE)
     assert source is not None and result.version_before is not None
     # Only if compaction's commits are all that happened since: a batch appended meanwhile
-    # (a run launched outside the queue) must still reach the aggregates.
+    # (a writer that does not take the lake barrier) must still reach the aggregates.
     between = [
         commit.get("operation")
         for commit in source.history(source.version() - result.version_before)
@@ -85,18 +91,36 @@ def acknowledge_compaction(lake: LakeLocation, result: CompactionResult) -> list
     for target in AGGREGATE_TABLES:
         if reflected_version(lake, target) != result.version_before:
             continue
-        table = lake.open(target.name)
-        assert table is not None  # it has a reflected version
-        write_deltalake(
-            table,
-            table.to_pyarrow_dataset().schema.empty_table(),
-            mode="append",
-            commit_properties=CommitProperties(
-                app_transactions=[Transaction(SOURCE_APP_ID, result.version_after)]
-            ),
-        )
+        _record_reflected(lake, target, result.version_after)
         acknowledged.append(target.name)
     return acknowledged
+
+
+def acknowledge_unchanged(lake: LakeLocation, version: int) -> list[str]:
+    """Record billing_events `version` as reflected by each aggregate table behind it, for
+    a refresh that found no file added or removed since (commits of a batch that accepted
+    nothing): otherwise those versions would look pending forever, to the refresh sensor,
+    its lag alert and compaction's acknowledgment alike. Returns the tables advanced."""
+    advanced = []
+    for target in AGGREGATE_TABLES:
+        reflected = reflected_version(lake, target)
+        if reflected is None or reflected >= version:
+            continue
+        _record_reflected(lake, target, version)
+        advanced.append(target.name)
+    return advanced
+
+
+def _record_reflected(lake: LakeLocation, target: AggregateTable, version: int) -> None:
+    """An empty commit to `target` carrying its new billing_events version."""
+    table = lake.open(target.name)
+    assert table is not None  # it has a reflected version
+    write_deltalake(
+        table,
+        table.to_pyarrow_dataset().schema.empty_table(),
+        mode="append",
+        commit_properties=CommitProperties(app_transactions=[Transaction(SOURCE_APP_ID, version)]),
+    )
 
 
 def vacuum_table(lake: LakeLocation, name: str, retention_hours: int) -> int:

@@ -16,7 +16,7 @@ from datetime import datetime
 
 import polars as pl
 
-from billing_dagster.cleaning import CleanedBatch
+from billing_dagster.cleaning import CONFLICT_RULE, DUPLICATES_SCHEMA, CleanedBatch
 from billing_dagster.decoding import quarantine_rows
 
 #: The rule of a record the rules accept now that an earlier attempt did not accept.
@@ -110,4 +110,56 @@ def set_aside_refused(
         accepted=cleaned.accepted.join(refused.select(_POSITION), on=_POSITION, how="anti"),
         duplicates=cleaned.duplicates,
         quarantine=pl.concat([cleaned.quarantine, quarantined]),
+    )
+
+
+def set_aside_applied_elsewhere(
+    cleaned: CleanedBatch,
+    events: pl.DataFrame,
+    applied: pl.DataFrame,
+    decided: Mapping[int, int | None],
+    *,
+    run_id: str,
+    now: datetime,
+) -> CleanedBatch:
+    """Accepted rows whose event Postgres already holds from another Kafka position
+    (`applied`: serving_batch.APPLIED_ELSEWHERE_SCHEMA): another lane accepted the same
+    event_id while this batch was deciding (the same customer's events on partitions of
+    two lanes, after a repartition). Postgres' primary key decided first: a delivery with
+    the same content becomes a duplicate, one that differs goes to quarantine as
+    `duplicate:conflict`, as they would have in one batch. Rows billing_events already
+    decided (below `decided`) stay as they are."""
+    if applied.is_empty():
+        return cleaned
+    marks = {p: m for p, m in decided.items() if m is not None}
+    applied = applied.filter(~_in_decided(marks)) if marks else applied
+    if applied.is_empty():
+        return cleaned
+    same = applied.filter(pl.col("same_content"))
+    duplicates = (
+        cleaned.accepted.select("event_id", *_POSITION)
+        .join(same, on=_POSITION, how="inner")
+        .select("event_id", *_POSITION, "first_partition", "first_offset")
+        .cast(DUPLICATES_SCHEMA)
+    )
+    differing = applied.filter(~pl.col("same_content"))
+    conflicts = quarantine_rows(
+        events.join(differing, on=_POSITION, how="inner").with_columns(
+            stage=pl.lit("dedupe"),
+            rules=pl.lit([CONFLICT_RULE], dtype=pl.List(pl.String)),
+            reason=pl.format(
+                "event_id was accepted with different content from {} partition {} offset {} "
+                "(by another lane, while this batch was deciding)",
+                "first_topic",
+                "first_partition",
+                "first_offset",
+            ),
+        ),
+        run_id=run_id,
+        now=now,
+    )
+    return CleanedBatch(
+        accepted=cleaned.accepted.join(applied.select(_POSITION), on=_POSITION, how="anti"),
+        duplicates=pl.concat([cleaned.duplicates, duplicates]),
+        quarantine=pl.concat([cleaned.quarantine, conflicts]),
     )

@@ -5,11 +5,13 @@ record values into one struct column of contract fields as text; `finish_decodin
 applies the contract rules once, for every encoding, and types the columns.
 
 A JSON batch is decoded by one vectorised Polars call. Only when that call fails (some
-value is not UTF-8, not JSON, or has an object where a scalar belongs) is the batch split
-64 ways, recursively, to find the failing segments; segments of 64 rows or fewer are
-screened row by row with Python's json module and their good rows decoded together. Good
-records always go through the vectorised decoder; the Python screen sees at most 64 rows
-per bad record.
+value is not UTF-8, not JSON, or has an object where a scalar belongs) is it decoded in
+segments of SEGMENT_ROWS. In the segments that fail, the records a vectorised guess names
+(json_text.json_suspects: what a Rust JSON parser refuses, a non-object, a structure in a
+contract field) are screened one by one with Python's json module and the others decoded
+together in one call; if that call fails too (a cause the guess missed), every row of
+those segments is screened, as before the guess. Good records always go through the
+vectorised decoder; the Python screen sees the suspects, not whole segments.
 
 Records larger than the record limit are quarantined on their size before any encoding
 sees them; JSON text is screened for nesting and lone surrogates before its decode, and
@@ -40,6 +42,7 @@ from billing_dagster.json_text import (
     Failure,
     as_text,
     exact_numbers,
+    json_suspects,
     screen_json,
     screen_structure,
 )
@@ -94,9 +97,10 @@ def json_decode(values: pl.Series, dtype: pl.DataType = WIRE_STRUCT) -> pl.Serie
 
 
 #: A batch that does not decode in one call is cut into segments of this many rows, each
-#: decoded in one call; the rows of a segment that fails are screened one by one. One
-#: Polars call costs about what screening a few hundred rows in Python does, and a bad
-#: record costs one segment's screening instead of rounds of ever smaller calls.
+#: decoded in one call; in the segments that fail, the suspects are screened one by one
+#: (every row, for a decoder without a guess). One Polars call costs about what screening
+#: a few hundred rows in Python does, and a bad record costs one segment's screening
+#: instead of rounds of ever smaller calls.
 SEGMENT_ROWS = 1024
 
 
@@ -112,6 +116,9 @@ class BatchDecoder:
     screen: Callable[[bytes | None], Failure | None]
     dtype: pl.DataType
     fallback: Failure = ("decode", "json", "value could not be decoded as a billing event")
+    #: Which of the values likely fail `decode` (row numbers, a vectorised guess): in a
+    #: failing segment they alone are screened. None: every row of the segment is.
+    suspects: Callable[[pl.Series], pl.Series] | None = None
 
 
 def decode_isolating_failures(
@@ -125,7 +132,18 @@ def decode_isolating_failures(
         pass
     decoded: list[tuple[pl.Series, pl.Series]] = []  # (row numbers, decoded structs)
     screened_good: list[int] = []
-    _locate_failures(values, 0, decoder, decoded, screened_good, failures)
+    failing = _decode_segments(values, decoder, decoded)
+    if failing.len() and decoder.suspects is not None:
+        suspects = failing.gather(decoder.suspects(values.gather(failing)))
+        _screen_rows(values, suspects, decoder, screened_good, failures)
+        rest = failing.filter(~failing.is_in(suspects.implode()))
+        try:
+            if rest.len():
+                decoded.append((rest, decoder.decode(values.gather(rest))))
+            failing = rest.clear()
+        except pl.exceptions.PolarsError:
+            failing = rest  # the guess missed a cause: every row is screened
+    _screen_rows(values, failing, decoder, screened_good, failures)
     if screened_good:
         decoded.extend(_decode_rows(values, screened_good, decoder, failures))
     if not decoded:
@@ -144,32 +162,36 @@ def decode_isolating_failures(
     )
 
 
-def _locate_failures(
+def _decode_segments(
+    values: pl.Series, decoder: BatchDecoder, decoded: list[tuple[pl.Series, pl.Series]]
+) -> pl.Series:
+    """Decode `values` segment by segment into `decoded`; the rows of failing segments."""
+    failing = []
+    for start in range(0, values.len(), SEGMENT_ROWS):
+        rows = _row_numbers(start, min(start + SEGMENT_ROWS, values.len()))
+        try:
+            decoded.append((rows, decoder.decode(values.slice(start, SEGMENT_ROWS))))
+        except pl.exceptions.PolarsError:
+            failing.append(rows)
+    return pl.concat(failing) if failing else _row_numbers(0, 0)
+
+
+def _screen_rows(
     values: pl.Series,
-    offset: int,
+    rows: pl.Series,
     decoder: BatchDecoder,
-    decoded: list[tuple[pl.Series, pl.Series]],
     screened_good: list[int],
     failures: dict[int, Failure],
 ) -> None:
-    """Keep segments that decode; screen the rows of failing ones one by one."""
-    for start in range(0, values.len(), SEGMENT_ROWS):
-        segment = values.slice(start, SEGMENT_ROWS)
-        first = offset + start
-        try:
-            part = decoder.decode(segment)
-            decoded.append((_row_numbers(first, first + part.len()), part))
-            continue
-        except pl.exceptions.PolarsError:
-            pass
-        for index, value in enumerate(segment.to_list()):
-            # A null decodes to a null struct; its caller says why it is null (a tombstone,
-            # text that is not UTF-8, a record set aside before decoding).
-            problem = None if value is None else decoder.screen(value)
-            if problem is None:
-                screened_good.append(first + index)
-            else:
-                failures[first + index] = problem
+    """Screen `rows` one by one: each goes to `failures` or to `screened_good`."""
+    for row, value in zip(rows.to_list(), values.gather(rows).to_list(), strict=True):
+        # A null decodes to a null struct; its caller says why it is null (a tombstone,
+        # text that is not UTF-8, a record set aside before decoding).
+        problem = None if value is None else decoder.screen(value)
+        if problem is None:
+            screened_good.append(row)
+        else:
+            failures[row] = problem
 
 
 def _row_numbers(start: int, stop: int) -> pl.Series:
@@ -194,7 +216,9 @@ def _decode_rows(
     return parts
 
 
-JSON_DECODER = BatchDecoder(decode=json_decode, screen=screen_json, dtype=WIRE_STRUCT)
+JSON_DECODER = BatchDecoder(
+    decode=json_decode, screen=screen_json, dtype=WIRE_STRUCT, suspects=json_suspects
+)
 
 
 def _event_columns() -> list[pl.Expr]:

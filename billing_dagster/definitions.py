@@ -12,6 +12,7 @@ from assets.maintenance import compact_event_hours, vacuum_lake_tables
 from assets.partitions import day_partitions, log_hour_partitions, month_partitions
 from assets.quality_checks import build_quality_checks
 from assets.reconciliation import build_oltp_reconciliation_asset, build_reconciliation_assets
+from billing_dagster.revenue_refresh import REFRESH_JOB, REFRESH_KIND
 from billing_dagster.settings import Settings, load_settings
 from resources import (
     BillingRulesResource,
@@ -24,16 +25,15 @@ from resources import (
 from resources.alerting import AlertingResource
 from sensors.alerts import build_alerts_sensor
 from sensors.kafka_offsets import build_kafka_offsets_sensor
+from sensors.revenue_refresh import build_revenue_refresh_sensor
 
-#: Runs carrying this tag are limited to one at a time by the run queue (dev/dagster.yaml):
-#: offsets commit in order per partition, so parallel ingest runs would only conflict.
+#: The kind of a pipeline run (a label: the run queue limits runs per lane, by the tag
+#: billing_dagster/lanes.py LANE_TAG, and the pools of assets/pools.py hold the rest).
 INGEST_CONCURRENCY_TAG = "billing/ingest"
-#: Its values on runs that ingest (the live sensor's, replays and backfills); the lane's
-#: other runs are "reconcile", "invariants" and "maintenance".
+#: Its values on runs that ingest (the live sensor's, replays and backfills); the other
+#: runs are "reconcile", "invariants" and "maintenance"; the revenue refresh's runs are
+#: "revenue" (billing_dagster/revenue_refresh.py REFRESH_KIND).
 INGEST_KINDS = ("kafka", "replay")
-# The lane itself is the concurrency pool assets.ingest.INGEST_POOL on its steps (limit 1,
-# run granularity, dev/dagster.yaml): it also holds runs without the tag (UI
-# materializations and backfills, reruns). The tag stays: it names the kind of run.
 
 
 def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
@@ -104,20 +104,31 @@ def build_definitions(settings: Settings) -> dg.Definitions:
     )
     ingest_job = dg.define_asset_job(
         INGEST_JOB,
-        # The aggregates run in the same run, after the batch: revenue is current as soon
-        # as the run ends, and a blocking billing_events check failure stops them.
-        selection=(
-            dg.AssetSelection.assets(ingest_assets, aggregate_assets)
-            | dg.AssetSelection.checks(*checks)
-        )
-        # Whole-table scans: never on the latency path of a batch.
-        - dg.AssetSelection.checks(invariant_checks),
+        # The money only: what gates it (contract, rules, circuit breaker) runs inside the
+        # step before the Postgres commit; nothing after the commit is on the latency path.
+        # The quality checks and the aggregates follow in refresh_revenue, which coalesces
+        # however many batches (of however many lanes) landed meanwhile.
+        selection=dg.AssetSelection.assets(ingest_assets).without_checks(),
         tags={INGEST_CONCURRENCY_TAG: "kafka", **max_runtime},
         # In process: separate step processes would only add ~2 s of start-up each.
         executor_def=dg.in_process_executor,
         description=(
-            "One micro-batch: Kafka offsets to raw/, billing_events/ and quarantine/, the "
-            "Postgres balances, then the revenue aggregates of the touched days, exactly once."
+            "One micro-batch: Kafka offsets to raw/, billing_events/ and quarantine/ and the "
+            "Postgres balances, exactly once."
+        ),
+    )
+    refresh_job = dg.define_asset_job(
+        REFRESH_JOB,
+        # The blocking billing_events check judges the rows added since the previous
+        # refresh, then the aggregates merge exactly those (the version it judged).
+        selection=dg.AssetSelection.assets(aggregate_assets) | dg.AssetSelection.checks(*checks),
+        # Not an ingest lane's run: no billing/lane tag, the pool billing_lake serializes it
+        # with reconciliation and compaction; the sensor keeps one in flight at most.
+        tags={INGEST_CONCURRENCY_TAG: REFRESH_KIND, **max_runtime},
+        executor_def=dg.in_process_executor,
+        description=(
+            "The revenue aggregates up to billing_events, after its Great Expectations check "
+            "over every row added since the previous refresh; and the customer_balances check."
         ),
     )
     reconcile_job = dg.define_asset_job(
@@ -169,6 +180,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         interval_s=settings.sensor_interval_s,
         max_records_per_run=settings.max_records_per_run,
         start_from=settings.start_from,
+        lanes=settings.ingest_lanes,
     )
     return dg.Definitions(
         assets=[
@@ -179,7 +191,15 @@ def build_definitions(settings: Settings) -> dg.Definitions:
             *oltp_assets,
         ],
         asset_checks=[*checks, invariant_checks],
-        jobs=[ingest_job, reconcile_job, invariants_job, monthly_job, compact_lake, vacuum_lake],
+        jobs=[
+            ingest_job,
+            refresh_job,
+            reconcile_job,
+            invariants_job,
+            monthly_job,
+            compact_lake,
+            vacuum_lake,
+        ],
         schedules=[
             dg.ScheduleDefinition(
                 name="compact_lake_schedule",
@@ -219,8 +239,16 @@ def build_definitions(settings: Settings) -> dg.Definitions:
                 default_status=dg.DefaultScheduleStatus.RUNNING,
             ),
         ],
-        sensors=[sensor, build_alerts_sensor(settings.alerts_interval_s)],
+        sensors=[
+            sensor,
+            build_revenue_refresh_sensor(refresh_job, settings.revenue_refresh_interval_s),
+            build_alerts_sensor(settings.alerts_interval_s),
+        ],
         resources=build_resources(settings),
+        # For the jobs Dagster makes itself (a UI Materialize or backfill: __ASSET_JOB):
+        # in process like every job above, so they run on a Celery worker too, whose pool
+        # processes may not start step processes of their own (docs/scaling.md).
+        executor=dg.in_process_executor,
     )
 
 

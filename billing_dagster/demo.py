@@ -1,6 +1,10 @@
 """The zero-configuration demo: embedded broker, Postgres, a local lake, a producer and
 `dagster dev` with this workspace, all on loopback, stopped together.
 
+Runs execute on the Celery engine (docs/scaling.md): Redis and warm Celery workers
+(BILLING_DEMO_CELERY_WORKERS, default 2) beside `dagster dev`. BILLING_DEMO_ENGINE=default
+runs them as `dagster dev` alone does, a process per run.
+
 Sources of events: `synthetic` (billing events with duplicate deliveries and malformed
 records, straight to Kafka), `workload` (the billing workload generator's events straight
 to Kafka), or `cdc` (the generator writes the OLTP tables, Debezium captures them into
@@ -22,11 +26,13 @@ from pathlib import Path
 from billing_dagster.delta_lake import LakeLocation
 from billing_dagster.enrichment import write_reference_data
 from billing_dagster.kafka_io import ensure_topic
-from billing_dagster.local_infra.dagster import stop_process_group
+from billing_dagster.local_infra.celery import CeleryWorkers
+from billing_dagster.local_infra.dagster import ENGINES, stop_process_group, write_instance_yaml
 from billing_dagster.local_infra.debezium import LocalDebezium
 from billing_dagster.local_infra.kafka import ApacheKafka
 from billing_dagster.local_infra.postgres import LocalPostgres
 from billing_dagster.local_infra.process import REPO_ROOT, InfraError, port_open, stop_on_sigterm
+from billing_dagster.local_infra.redis import LocalRedis
 from billing_dagster.local_infra.tansu import TansuBroker
 from billing_dagster.oltp import connect_oltp, migrate_oltp, write_activities
 from billing_dagster.postgres_db import migrate
@@ -55,7 +61,10 @@ def run_demo(
     for_seconds: float | None,
     source: str = "synthetic",
     echo=print,
+    engine: str | None = None,
+    celery_workers: int | None = None,
 ) -> int:
+    engine, celery_workers = _engine_choice(engine, celery_workers)
     if source == "cdc" and broker_kind != "kafka":
         raise InfraError("--source cdc needs --broker kafka: Debezium runs in Kafka Connect")
     if source == "cdc":
@@ -67,7 +76,7 @@ def run_demo(
     shutil.rmtree(state_dir, ignore_errors=True)
     dagster_home = state_dir / "dagster_home"
     dagster_home.mkdir(parents=True)
-    shutil.copy(REPO_ROOT / "dev" / "dagster.yaml", dagster_home / "dagster.yaml")
+    write_instance_yaml(dagster_home, engine)
     lake_root = state_dir / "lake"
 
     stop = threading.Event()
@@ -133,6 +142,12 @@ def run_demo(
             "BILLING_LAKE_ROOT": str(lake_root),
             **extra_env,
         }
+        if engine == "celery":
+            echo("starting Redis (the Celery broker) ...")
+            redis = LocalRedis().start()
+            stack.callback(redis.stop)
+            env["DAGSTER_CELERY_BROKER_URL"] = redis.url
+            echo(f"  Celery broker on {redis.url}")
         ui = subprocess.Popen(
             [
                 sys.executable,
@@ -151,6 +166,14 @@ def run_demo(
             start_new_session=True,
         )
         stack.callback(stop_process_group, ui)
+        if engine == "celery":
+            # After `dagster dev` is on its way: both take a while to import, and a run
+            # launched before the workers are ready waits in Redis.
+            workers = CeleryWorkers(env, count=celery_workers, workdir=state_dir / "celery")
+            stack.callback(workers.stop)
+            echo(f"starting {celery_workers} Celery workers ({workers.concurrency} runs each) ...")
+            workers.start()
+            echo(f"  Celery workers ready; logs in {workers.workdir}")
         echo(f"Dagster UI: http://127.0.0.1:{ui_port}  (lake: {lake_root}; Ctrl-C stops all)")
         deadline = None if for_seconds is None else time.monotonic() + for_seconds
         try:
@@ -161,6 +184,22 @@ def run_demo(
         except KeyboardInterrupt:
             echo("stopping ...")
         return 0 if ui.poll() in (None, 0, -signal.SIGTERM) else ui.returncode
+
+
+def _engine_choice(engine: str | None, workers: int | None) -> tuple[str, int]:
+    """The run engine and worker count: arguments, else BILLING_DEMO_ENGINE (celery or
+    default) and BILLING_DEMO_CELERY_WORKERS (default 2)."""
+    engine = (engine or os.environ.get("BILLING_DEMO_ENGINE", "").strip() or "celery").lower()
+    if engine not in ENGINES:
+        raise InfraError(f"BILLING_DEMO_ENGINE must be one of {', '.join(ENGINES)}, got '{engine}'")
+    if workers is None:
+        raw = os.environ.get("BILLING_DEMO_CELERY_WORKERS", "").strip() or "2"
+        if not raw.isdigit() or int(raw) < 1:
+            raise InfraError(
+                f"BILLING_DEMO_CELERY_WORKERS must be a whole number >= 1, got '{raw}'"
+            )
+        workers = int(raw)
+    return engine, workers
 
 
 def _feed(

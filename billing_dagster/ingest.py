@@ -44,6 +44,7 @@ from billing_dagster.delta_lake import (
 )
 from billing_dagster.enrichment import ReferenceData
 from billing_dagster.kafka_io import KafkaClient
+from billing_dagster.lake_barrier import committing_batch
 from billing_dagster.lost_offsets import read_retained, without_lost
 from billing_dagster.offsets import (
     HOUR_KEY_FORMAT,
@@ -193,29 +194,32 @@ def ingest_offsets(
     check_batch(cleaning.breaker, cleaned.quarantine, records, decided, run_id=run_id)
     step("decided")
 
-    cleaned, accepted, quarantined, serving = commit_decisions(
-        lake,
-        tables,
-        topic,
-        plan,
-        decoded,
-        cleaned,
-        processed_up_to,
-        serving_url,
-        run_id,
-        now,
-        step,
-        clock,
-    )
-    raw = append_exactly_once(
-        lake,
-        RAW_TABLE,
-        decoded.raw_rows,
-        topic=topic,
-        processed_up_to=processed_up_to,
-        partition_by=EVENT_HOUR_PARTITIONS,
-        table=tables.raw,
-    )
+    # From the first lake commit to the last, readers that compare stores wait (and this
+    # waits for them): lake_barrier.py.
+    with committing_batch(serving_url):
+        cleaned, accepted, quarantined, serving = commit_decisions(
+            lake,
+            tables,
+            topic,
+            plan,
+            decoded,
+            cleaned,
+            processed_up_to,
+            serving_url,
+            run_id,
+            now,
+            step,
+            clock,
+        )
+        raw = append_exactly_once(
+            lake,
+            RAW_TABLE,
+            decoded.raw_rows,
+            topic=topic,
+            processed_up_to=processed_up_to,
+            partition_by=EVENT_HOUR_PARTITIONS,
+            table=tables.raw,
+        )
     clock.lap("write_raw")
     step("raw")
     # Only after the lake holds the batch: ordinary Kafka tools then show true lag. The

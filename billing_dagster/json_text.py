@@ -19,8 +19,9 @@ located by a regex alone (a contract key twice anywhere in the record, or an esc
 are parsed exactly by Python's json module: only those rows, so a clean batch stays
 vectorised end to end.
 
-`screen_json` is the per-record screen that names why one value cannot decode at all
-(decoding.py runs it only on the rows of a segment the vectorised decode failed on).
+`screen_json` is the per-record screen that names why one value cannot decode at all;
+decoding.py runs it only in segments the vectorised decode failed on, and there only on
+the rows `json_suspects` names, unless the others fail to decode too.
 """
 
 from __future__ import annotations
@@ -54,6 +55,30 @@ _SURROGATE_PAIR = r"(?i)\\ud[89ab][0-9a-f]{2}\\ud[c-f][0-9a-f]{2}"
 
 def _key(name: str) -> str:
     return rf'"{name}"\s*:'
+
+
+#: A contract field whose value is an object or an array: the vectorised decode fails on it.
+_STRUCTURED_FIELD = rf'"(?:{"|".join(WIRE_FIELDS)})"\s*:\s*{_OPENERS}'
+
+
+def json_suspects(text: pl.Series) -> pl.Series:
+    """Row numbers (UInt32) of the records that likely fail the vectorised decode: text a
+    JSON parser refuses, a value that is not an object, a contract field holding a
+    structure, or an escaped key. decoding.py screens them one by one and decodes the
+    others in one call; a cause this misses makes that call fail, and every row is then
+    screened."""
+    t = pl.col("_t")
+    suspect = (
+        t.str.json_path_match("$").is_null()  # not JSON (serde_json, in Rust, row by row)
+        | ~t.str.strip_chars_start(" \t\n\r").str.starts_with("{")
+        | t.str.contains(_STRUCTURED_FIELD)
+        | t.str.contains(_ESCAPED_KEY)
+    )
+    return (
+        pl.DataFrame({"_t": text})
+        .with_columns(pl.int_range(pl.len(), dtype=pl.UInt32).alias("_row"), suspect.alias("_s"))
+        .filter(pl.col("_s") & pl.col("_t").is_not_null())["_row"]
+    )
 
 
 def as_text(values: pl.Series) -> pl.Series:

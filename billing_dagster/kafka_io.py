@@ -19,10 +19,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import polars as pl
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicCollection, TopicPartition
+from confluent_kafka import (
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicCollection,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
 
-from billing_dagster.contract import KAFKA_RECORD_SCHEMA
+from billing_dagster.kafka_records import error_events, records_below, records_frame
 from billing_dagster.offsets import OffsetRange
 
 #: Leadership is settling (a new topic, a broker restart). librdkafka does not flag all of
@@ -60,6 +67,10 @@ GENERATION_SEPARATOR = "@"
 #: Broker-assigned times: the log's timestamps then only grow, so an hour of the log is a
 #: contiguous offset range (CreateTime takes whatever the producer says).
 LOG_APPEND_TIME = "LogAppendTime"
+
+
+#: Most messages one consume() call hands over (a read asks for fewer near its end).
+CONSUME_BATCH = 20_000
 
 
 def kafka_topic_of(key: str) -> str:
@@ -238,70 +249,80 @@ class KafkaClient:
         key, topic = topic, kafka_topic_of(topic)
         pending = {r.partition: r for r in ranges if r.size > 0}
         reached = {p: r.start for p, r in pending.items()}
-        columns: dict[str, list] = {name: [] for name in KAFKA_RECORD_SCHEMA}
+        chunks: list[pl.DataFrame] = []
         if not pending:
-            return pl.DataFrame(columns, schema=KAFKA_RECORD_SCHEMA), reached
+            return records_frame(key, chunks), reached
         consumer = self._consumer
         consumer.assign([TopicPartition(topic, p, r.start) for p, r in pending.items()])
         deadline = time.monotonic() + timeout_s
-        partitions, offsets, stamps = columns["kafka_partition"], columns["kafka_offset"], []
-        keys, values = columns["kafka_key"], columns["value"]
         try:
             while pending:
                 if time.monotonic() > deadline:
                     left = ", ".join(f"{p}@{reached[p]}..{r.end}" for p, r in pending.items())
                     raise KafkaReadError(f"timed out reading {topic}; still pending: {left}")
-                for message in consumer.consume(num_messages=20_000, timeout=0.5):
-                    partition = message.partition()
-                    wanted = pending.get(partition)
-                    error = message.error()
-                    if error is not None:
-                        if error.code() == KafkaError._PARTITION_EOF:
-                            if wanted is not None:
-                                reached[partition] = min(
-                                    wanted.end, max(reached[partition], message.offset())
-                                )
-                                self._finish(topic, partition, pending)
-                            continue
-                        if error.code() == KafkaError._AUTO_OFFSET_RESET:
-                            raise OffsetsLostError(
-                                f"offsets of {topic}/{partition} from {reached.get(partition)} "
-                                "are no longer in Kafka (deleted by retention before they were "
-                                "processed); replay them from their source",
-                                partition=partition,
-                                offset=reached.get(partition),
-                            )
-                        raise KafkaReadError(f"error reading {topic}/{partition}: {error}")
-                    offset = message.offset()
-                    if wanted is None or offset >= wanted.end:
-                        continue
-                    partitions.append(partition)
-                    offsets.append(offset)
-                    stamps.append(message.timestamp()[1])
-                    keys.append(message.key())
-                    values.append(message.value())
-                    reached[partition] = offset + 1
-                    if offset + 1 >= wanted.end:
-                        self._finish(topic, partition, pending)
+                # consume() returns once it has num_messages or its timeout passed: asking
+                # for no more than the ranges still hold ends the last call when they are in.
+                expected = sum(r.end - reached[p] for p, r in pending.items())
+                messages = consumer.consume(min(CONSUME_BATCH, expected), timeout=0.5)
+                chunks.extend(self._take(topic, messages, pending, reached))
         finally:
             # Pausing outlives unassign() in librdkafka: resume, or the next read stalls.
             assigned = consumer.assignment()
             if assigned:
                 consumer.resume(assigned)
             consumer.unassign()
-        frame = pl.DataFrame(
-            {
-                "kafka_topic": pl.repeat(key, len(offsets), eager=True, dtype=pl.String),
-                "kafka_partition": pl.Series(partitions, dtype=pl.Int32),
-                "kafka_offset": pl.Series(offsets, dtype=pl.Int64),
-                "kafka_timestamp": pl.Series(stamps, dtype=pl.Int64)
-                .cast(pl.Datetime("ms", "UTC"))
-                .cast(pl.Datetime("us", "UTC")),
-                "kafka_key": pl.Series(keys, dtype=pl.Binary),
-                "value": pl.Series(values, dtype=pl.Binary),
-            }
-        )
-        return frame, reached
+        return records_frame(key, chunks), reached
+
+    def _take(
+        self,
+        topic: str,
+        messages: list[Message],
+        pending: dict[int, OffsetRange],
+        reached: dict[int, int],
+    ) -> list[pl.DataFrame]:
+        """The records of one consume() call inside the pending ranges; its error events
+        (partition EOF, lost offsets, failures) are handled in their place among them."""
+        errors, at = error_events(messages)
+        chunks, start = [], 0
+        for index in [*at, len(messages)]:
+            if index > start and pending:
+                chunk, after = records_below(
+                    messages[start:index], {p: r.end for p, r in pending.items()}
+                )
+                chunks.append(chunk)
+                for partition, offset in after.items():
+                    reached[partition] = offset
+                    if offset >= pending[partition].end:
+                        self._finish(topic, partition, pending)
+            if index < len(messages):
+                self._on_error(topic, messages[index], errors[index], pending, reached)
+            start = index + 1
+        return chunks
+
+    def _on_error(
+        self,
+        topic: str,
+        message: Message,
+        error: KafkaError,
+        pending: dict[int, OffsetRange],
+        reached: dict[int, int],
+    ) -> None:
+        partition = message.partition()
+        if error.code() == KafkaError._PARTITION_EOF:
+            wanted = pending.get(partition)
+            if wanted is not None:
+                reached[partition] = min(wanted.end, max(reached[partition], message.offset()))
+                self._finish(topic, partition, pending)
+            return
+        if error.code() == KafkaError._AUTO_OFFSET_RESET:
+            raise OffsetsLostError(
+                f"offsets of {topic}/{partition} from {reached.get(partition)} "
+                "are no longer in Kafka (deleted by retention before they were "
+                "processed); replay them from their source",
+                partition=partition,
+                offset=reached.get(partition),
+            )
+        raise KafkaReadError(f"error reading {topic}/{partition}: {error}")
 
     def _finish(self, topic: str, partition: int, pending: dict[int, OffsetRange]) -> None:
         pending.pop(partition, None)

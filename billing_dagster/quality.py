@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -69,21 +68,6 @@ def load_suite_file(name: str, folder: Path = SUITES_DIR) -> SuiteFile:
 
 def _parameter_names(kwargs: Mapping[str, Any]) -> set[str]:
     return {v["$PARAMETER"] for v in kwargs.values() if isinstance(v, dict) and "$PARAMETER" in v}
-
-
-def _import_great_expectations() -> None:
-    import great_expectations  # noqa: F401
-    from great_expectations.expectations import expectation_configuration  # noqa: F401
-
-
-def import_in_background() -> threading.Thread:
-    """Start importing Great Expectations on a thread. The import costs seconds of every
-    run process; started when the ingest step starts, it overlaps the step's Kafka,
-    Postgres and Delta I/O instead of delaying the checks after it (Python's import lock
-    makes the checks wait for this import rather than repeat it)."""
-    thread = threading.Thread(target=_import_great_expectations, name="gx-import", daemon=True)
-    thread.start()
-    return thread
 
 
 @cache

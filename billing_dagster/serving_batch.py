@@ -66,6 +66,18 @@ REFUSALS_SCHEMA: dict[str, pl.DataType] = {
 }
 
 
+#: Rows of the batch whose transaction Postgres already holds from another Kafka position:
+#: an event_id accepted by another lane (or batch) while this one was deciding.
+APPLIED_ELSEWHERE_SCHEMA: dict[str, pl.DataType] = {
+    "kafka_partition": pl.Int32(),
+    "kafka_offset": pl.Int64(),
+    "first_topic": pl.String(),
+    "first_partition": pl.Int32(),
+    "first_offset": pl.Int64(),
+    "same_content": pl.Boolean(),
+}
+
+
 class ServingRefusedError(RuntimeError):
     """Postgres refuses rows the lake has already decided, or too many rows of a batch."""
 
@@ -78,6 +90,11 @@ class StagedBatch:
     result: ServingResult
     #: Rows not staged, by position, with rule and reason (REFUSALS_SCHEMA).
     refused: pl.DataFrame
+    #: Rows not inserted: their transaction was applied from another position
+    #: (APPLIED_ELSEWHERE_SCHEMA).
+    applied_elsewhere: pl.DataFrame = field(
+        default_factory=lambda: pl.DataFrame(schema=APPLIED_ELSEWHERE_SCHEMA)
+    )
     clock: PhaseClock = field(default_factory=PhaseClock)
     committed: bool = False
 
@@ -195,10 +212,15 @@ def _stage_locked(
     no_refusals = pl.DataFrame(schema=REFUSALS_SCHEMA)
     if not advance:
         result = ServingResult(0, rows.height, 0, 0, None, ())
-        return StagedBatch(cursor.connection, result, no_refusals, clock)
+        return StagedBatch(cursor.connection, result, no_refusals, clock=clock)
     fresh = rows_from(rows, {p: start for p, (start, _) in advance.items()})
     refused = _stage_history(cursor, fresh, clock)
     inserted, customers, total = _insert_history_and_balances(cursor, fresh, clock)
+    elsewhere = (
+        _applied_elsewhere(cursor)
+        if inserted < fresh.height - refused.height
+        else pl.DataFrame(schema=APPLIED_ELSEWHERE_SCHEMA)
+    )
     cursor.execute(
         "UPDATE balance_offsets AS b SET next_offset = t.e, updated_at = NOW() "
         "FROM unnest(%s::int[], %s::bigint[]) AS t(p, e) "
@@ -235,7 +257,23 @@ def _stage_locked(
         dict(sorted(advance.items())),
         total,
     )
-    return StagedBatch(cursor.connection, result, refused, clock)
+    return StagedBatch(cursor.connection, result, refused, elsewhere, clock=clock)
+
+
+def _applied_elsewhere(cursor: psycopg2.extensions.cursor) -> pl.DataFrame:
+    """Staged rows the INSERT skipped because the history holds their transaction from
+    another position. The INSERT waited for the other writer's commit, so this
+    statement's snapshot sees its row."""
+    cursor.execute(
+        "SELECT s.kafka_partition, s.kafka_offset, h.kafka_topic, h.kafka_partition, "
+        "h.kafka_offset, (s.customer_id = h.customer_id AND s.amount = h.amount "
+        "AND s.currency = h.currency AND s.transaction_type = h.transaction_type) "
+        "FROM staging_history s JOIN transaction_history h "
+        "ON h.transaction_id = s.transaction_id AND h.created_at = s.created_at "
+        "WHERE (h.kafka_topic, h.kafka_partition, h.kafka_offset) "
+        "IS DISTINCT FROM (s.kafka_topic, s.kafka_partition, s.kafka_offset)"
+    )
+    return pl.DataFrame(cursor.fetchall(), schema=APPLIED_ELSEWHERE_SCHEMA, orient="row")
 
 
 def _stage_history(
@@ -336,7 +374,7 @@ def _refuse_overflows(cursor: psycopg2.extensions.cursor) -> list[Refusal]:
         return []
     cursor.execute(
         "SELECT customer_id, current_balance FROM customer_balances "
-        "WHERE customer_id = ANY(%s) FOR UPDATE",
+        "WHERE customer_id = ANY(%s) ORDER BY customer_id FOR UPDATE",
         (customers,),
     )
     balances = {c: Decimal(b) for c, b in cursor.fetchall()}
@@ -356,7 +394,9 @@ def _refuse_overflows(cursor: psycopg2.extensions.cursor) -> list[Refusal]:
 #: History first, then the balances from exactly the rows that went in.
 _INSERT_HISTORY_AND_BALANCES = """
 WITH inserted AS (
-    INSERT INTO transaction_history SELECT * FROM staging_history
+    -- In key order: two lanes inserting the same transactions (a customer whose events
+    -- span lanes) wait for each other in one order instead of deadlocking.
+    INSERT INTO transaction_history SELECT * FROM staging_history ORDER BY transaction_id
     ON CONFLICT DO NOTHING
     RETURNING customer_id, amount_usd
 ), deltas AS (

@@ -54,6 +54,9 @@ class Settings:
     #: The `dagster/max_runtime` of the ingest lane's runs: run monitoring fails a run
     #: stranded longer (its worker gone with the code server), freeing the lane.
     lane_max_runtime_s: int = 900
+    #: Ingest lanes: the topic's partitions split into this many groups (partition modulo
+    #: lanes), each ingested by its own run in parallel, one run in flight per lane.
+    ingest_lanes: int = 2
     #: "Ingest Stalled": no lake progress for this long while there is lag.
     stall_alert_minutes: int = 10
     #: The ingest circuit breaker: one rule failing more than this percent of a batch,
@@ -65,9 +68,18 @@ class Settings:
     max_event_id_length: int = 128
     max_metadata_bytes: int = 64 * 1024
     max_record_bytes: int = 1024 * 1024
+    #: How often the revenue refresh sensor looks for billing_events versions the
+    #: aggregates do not reflect yet (one refresh run takes every batch since the last).
+    revenue_refresh_interval_s: int = 5
 
 
-def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
+def _int(
+    env: Mapping[str, str],
+    name: str,
+    default: int,
+    minimum: int = 1,
+    maximum: int | None = None,
+) -> int:
     raw = env.get(name, "").strip()
     if not raw:
         return default
@@ -77,6 +89,8 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> i
         raise ConfigError(f"{name} must be a whole number, got '{raw}'") from None
     if value < minimum:
         raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name} must be at most {maximum}, got {value}")
     return value
 
 
@@ -256,10 +270,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         alerts_interval_s=_int(env, "BILLING_ALERTS_INTERVAL_SECONDS", 30),
         dedupe_horizon_days=_int(env, "BILLING_DEDUPE_HORIZON_DAYS", 7),
         lane_max_runtime_s=_int(env, "BILLING_LANE_MAX_RUNTIME_SECONDS", 900, minimum=10),
+        ingest_lanes=_int(env, "BILLING_INGEST_LANES", 2, maximum=64),
         stall_alert_minutes=_int(env, "BILLING_STALL_ALERT_MINUTES", 10),
         circuit_breaker_pct=_percent(env, "BILLING_CIRCUIT_BREAKER_PERCENT", "5"),
         circuit_breaker_min_records=_int(env, "BILLING_CIRCUIT_BREAKER_MIN_RECORDS", 20),
         max_event_id_length=_int(env, "BILLING_MAX_EVENT_ID_LENGTH", 128, minimum=36),
         max_metadata_bytes=_int(env, "BILLING_MAX_METADATA_BYTES", 64 * 1024),
         max_record_bytes=_int(env, "BILLING_MAX_RECORD_BYTES", 1024 * 1024, minimum=1024),
+        revenue_refresh_interval_s=_int(env, "BILLING_REVENUE_REFRESH_INTERVAL_SECONDS", 5),
     )

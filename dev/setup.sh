@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything billing-dagster needs on a fresh Debian machine; safe to re-run.
-#   dev/setup.sh demo   Python deps + Debian postgresql (the demo broker is embedded)
+#   dev/setup.sh demo   Python deps + Debian postgresql and redis-server (the Celery engine's
+#                       broker); the demo broker is embedded
 #   dev/setup.sh test   the above + a JDK and Maven, and via Maven the Apache Kafka jars and
 #                       Kafka Connect with the Debezium PostgreSQL connector
 set -euo pipefail
@@ -9,6 +10,7 @@ mode="${1:-test}"
 
 packages=()
 compgen -G "/usr/lib/postgresql/*/bin/pg_ctl" >/dev/null || packages+=(postgresql)
+command -v redis-server >/dev/null || packages+=(redis-server)
 if [ "$mode" = test ]; then
   command -v java >/dev/null || packages+=(openjdk-17-jre-headless)
   command -v mvn >/dev/null || packages+=(maven)

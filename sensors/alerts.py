@@ -60,6 +60,7 @@ from resources import (
 )
 from resources.alerting import AlertingResource
 from sensors.lane import finished_lane_runs, ingest_runs_in_flight
+from sensors.revenue_refresh import evaluate_refresh_alert
 
 VALIDATION_WINDOW_MINUTES = 5
 #: A repair from billing_events keeps "Balances Behind Lake" firing this long.
@@ -205,14 +206,16 @@ def evaluate_lane_alerts(
     progress: LakeProgress | None,
     now: datetime,
 ) -> tuple[list[Alert], LakeProgress | None]:
-    """The alerts "Ingest Run Failed" and "Ingest Stalled", and the stall clock to keep."""
+    """The alerts "Ingest Run Failed", "Revenue Refresh Failed" and "Ingest Stalled", and
+    the stall clock to keep."""
     since = now - timedelta(minutes=RUN_FAILED_WINDOW_MINUTES)
+    location = lake.location()
     alerts = [
         ingest_run_failed_alert(
             finished_lane_runs(instance, since), now=now, window_minutes=RUN_FAILED_WINDOW_MINUTES
-        )
+        ),
+        evaluate_refresh_alert(instance, location, now),
     ]
-    location = lake.location()
     generation = current_generation(location, kafka.topic)
     topic = generation.key if generation else kafka.topic
     try:
@@ -287,8 +290,9 @@ def build_alerts_sensor(interval_s: int) -> dg.SensorDefinition:
         description=(
             "Consumer lag > 10,000, reconciliation mismatch > 0.1 %, CDC connector not "
             "running, validation failure rate > 0.01 % over 5 minutes, ingest runs failing, "
-            "ingest stalled. Notifies the log (and BILLING_ALERT_WEBHOOK_URL) when an alert "
-            "starts or stops firing, until delivered; runbooks in docs/runbooks/."
+            "ingest stalled, revenue refresh failing or behind. Notifies the log (and "
+            "BILLING_ALERT_WEBHOOK_URL) when an alert starts or stops firing, until "
+            "delivered; runbooks in docs/runbooks/."
         ),
     )
     def billing_alerts_sensor(

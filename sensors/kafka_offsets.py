@@ -4,22 +4,23 @@ from datetime import UTC, datetime
 import dagster as dg
 from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 
+from assets.pools import INGEST_POOL
 from billing_dagster.contract import RAW_TABLE
 from billing_dagster.delta_lake import committed_offsets
 from billing_dagster.ingest import record_origins
 from billing_dagster.kafka_io import kafka_topic_of
+from billing_dagster.lanes import ALL_LANES, LANE_TAG, busy_lanes, lane_tag, plan_lanes
 from billing_dagster.lost_offsets import describe_lost, lost_offsets
 from billing_dagster.offsets import (
+    OffsetLookup,
     OffsetRange,
     PlannedBatch,
     RetryState,
     TopicResetError,
     hour_key,
     next_retry,
-    plan_sensor_tick,
     retry_delay,
     retry_run_key,
-    waits_for_run,
 )
 from billing_dagster.postgres_db import ServingUnavailableError
 from billing_dagster.projection import decided_marks, serving_gaps
@@ -48,7 +49,12 @@ def _parse_cursor(raw: str | None, topic: str) -> dict[int, int] | None:
 
 
 def _run_request(
-    batch: PlannedBatch, op_name: str, *, run_key: str | None = None, tags: dict | None = None
+    batch: PlannedBatch,
+    op_name: str,
+    *,
+    lane: str,
+    run_key: str | None = None,
+    tags: dict | None = None,
 ) -> dg.RunRequest:
     return dg.RunRequest(
         run_key=run_key or batch.run_key,
@@ -66,51 +72,63 @@ def _run_request(
                 }
             }
         },
-        tags={"billing/records": str(batch.size), **(tags or {})},
+        tags={"billing/records": str(batch.size), LANE_TAG: lane, **(tags or {})},
     )
 
 
-def _parse_retry(raw: str | None) -> RetryState | None:
-    """The re-requests made since the lake's offsets last moved (the cursor's "retry")."""
-    retry = json.loads(raw).get("retry") if raw else None
-    if not retry:
-        return None
-    return RetryState(retry["marks"], int(retry["attempt"]), datetime.fromisoformat(retry["at"]))
+def _parse_retries(raw: str | None) -> dict[str, RetryState]:
+    """Per lane, the re-requests made since its lake offsets last moved (the cursor's
+    "retry"; a cursor from before lanes holds one state for all partitions: dropped)."""
+    retries = json.loads(raw).get("retry") if raw else None
+    if not retries or "marks" in retries:
+        return {}
+    return {
+        lane: RetryState(r["marks"], int(r["attempt"]), datetime.fromisoformat(r["at"]))
+        for lane, r in retries.items()
+    }
 
 
-def _with_retry(cursor: str, retry: RetryState) -> str:
-    state = json.loads(cursor)
-    state["retry"] = {"marks": retry.marks, "attempt": retry.attempt, "at": retry.at.isoformat()}
+def _cursor_text(topic: str, offsets: dict[int, int], retries: dict[str, RetryState]) -> str:
+    state: dict[str, object] = {
+        "topic": topic,
+        "offsets": {str(p): o for p, o in sorted(offsets.items())},
+    }
+    if retries:
+        state["retry"] = {
+            lane: {"marks": r.marks, "attempt": r.attempt, "at": r.at.isoformat()}
+            for lane, r in sorted(retries.items())
+        }
     return json.dumps(state)
 
 
 def _rerequest(
     context: dg.SensorEvaluationContext,
+    lane: str,
     batches: tuple[PlannedBatch, ...],
     committed: dict[int, int | None],
     op_name: str,
-    new_cursor: str,
-) -> dg.SensorResult | dg.SkipReason:
-    """Offsets a run left uncommitted (it failed for good, or crashed), asked again from
-    the lake's offsets: under a new run key (the same offsets give the same key, which
-    Dagster would skip), at once the first time, then backing off while they keep failing."""
-    previous = _parse_retry(context.cursor)
-    retry = next_retry(previous, committed, datetime.now(UTC))
+    retries: dict[str, RetryState],
+    now: datetime,
+) -> list[dg.RunRequest]:
+    """Offsets a run of this lane left uncommitted (it failed for good, or crashed),
+    asked again from the lake's offsets: under a new run key (the same offsets give the
+    same key, which Dagster would skip), at once the first time, then backing off while
+    they keep failing. Updates `retries`."""
+    previous = retries.get(lane)
+    retry = next_retry(previous, committed, now)
     if retry is None:
-        # The cursor stays as it is: the lake's offsets decide what the retry covers.
         due = previous.at + retry_delay(previous.attempt)
-        return dg.SkipReason(
-            f"offsets a failed run left were re-requested {previous.attempt} time(s) without "
-            f"committing; next re-request after {due:%H:%M:%S} UTC"
+        context.log.info(
+            f"lane {lane}: offsets a failed run left were re-requested {previous.attempt} "
+            f"time(s) without committing; next re-request after {due:%H:%M:%S} UTC"
         )
+        return []
     context.log.warning(
-        "lake is behind requested offsets with no run in flight; re-requesting "
-        f"(attempt {retry.attempt} from the lake's offsets)"
+        f"lane {lane}: lake is behind requested offsets with no run in flight; "
+        f"re-requesting (attempt {retry.attempt} from the lake's offsets)"
     )
-    return dg.SensorResult(
-        run_requests=[_run_request(b, op_name, run_key=retry_run_key(b, retry)) for b in batches],
-        cursor=_with_retry(new_cursor, retry),
-    )
+    retries[lane] = retry
+    return [_run_request(b, op_name, lane=lane, run_key=retry_run_key(b, retry)) for b in batches]
 
 
 def _repair_request(
@@ -144,6 +162,7 @@ def _repair_request(
     return _run_request(
         batch,
         op_name,
+        lane=ALL_LANES,
         run_key=f"repair:{batch.run_key}:{int(now.timestamp()) // 60}",
         tags={REPAIR_TAG: ranges},
     )
@@ -156,6 +175,27 @@ def _refuse(context: dg.SensorEvaluationContext, exc: TopicResetError) -> dg.Ski
     return dg.SkipReason(f"refused: {exc}")
 
 
+def _ensure_pool_limit(context: dg.SensorEvaluationContext, lanes: int) -> None:
+    """The ingest pool admits one run per lane: its limit is the lane count (the pools'
+    default limit, 1, would put the lanes back in one file)."""
+    storage = context.instance.event_log_storage
+    if storage.get_concurrency_info(INGEST_POOL).slot_count != lanes:
+        storage.set_concurrency_slots(INGEST_POOL, lanes)
+        context.log.info(f"concurrency pool {INGEST_POOL} limit set to {lanes} (lanes)")
+
+
+def _cached(lookup: OffsetLookup) -> OffsetLookup:
+    """One Kafka time lookup per moment per tick, however many lanes ask for it."""
+    seen: dict[datetime, dict[int, int | None]] = {}
+
+    def cached(moment: datetime) -> dict[int, int | None]:
+        if moment not in seen:
+            seen[moment] = dict(lookup(moment))
+        return seen[moment]
+
+    return cached
+
+
 def build_kafka_offsets_sensor(
     job: UnresolvedAssetJobDefinition,
     *,
@@ -163,6 +203,7 @@ def build_kafka_offsets_sensor(
     interval_s: int,
     max_records_per_run: int,
     start_from: str,
+    lanes: int = 1,
 ) -> dg.SensorDefinition:
     @dg.sensor(
         name="kafka_offsets_sensor",
@@ -170,10 +211,11 @@ def build_kafka_offsets_sensor(
         minimum_interval_seconds=interval_s,
         default_status=dg.DefaultSensorStatus.RUNNING,
         description=(
-            "Polls the billing topic's end offsets and requests one run per log hour for the "
-            "offsets not yet requested (none while an ingest run is queued or running: what "
-            "arrives meanwhile goes into one run after it); the cursor holds requested "
-            "offsets per partition."
+            f"Polls the billing topic's end offsets and requests, per lane ({lanes}: "
+            "partition modulo lanes), one run per log hour for the offsets not yet "
+            "requested; none for a lane while its run is queued or running (what arrives "
+            "meanwhile goes into one run after it). The cursor holds requested offsets "
+            "per partition."
         ),
     )
     def kafka_offsets_sensor(
@@ -183,12 +225,15 @@ def build_kafka_offsets_sensor(
         postgres: PostgresServingResource,
     ) -> dg.SensorResult | dg.SkipReason:
         topic = kafka.topic
-        cursor = _parse_cursor(context.cursor, topic)
+        _ensure_pool_limit(context, lanes)
         # Any run that ingests, not only this job's: a UI Materialize, a backfill, a rerun.
-        in_flight = bool(ingest_runs_in_flight(context.instance))
-        if waits_for_run(cursor, in_flight):
-            # Nothing to ask Kafka or the lake until the run ends.
-            return dg.SkipReason("an ingest run is queued or running; new offsets wait for it")
+        in_flight = ingest_runs_in_flight(context.instance)
+        busy = busy_lanes((run.tags.get(LANE_TAG) for run in in_flight), lanes)
+        cursor = _parse_cursor(context.cursor, topic)
+        if cursor is not None and len(busy) == lanes:
+            # Nothing to ask Kafka or the lake until a lane is free.
+            return dg.SkipReason("every lane has an ingest run queued or running")
+        now = datetime.now(UTC)
         with kafka.client() as client:
             try:
                 # The key the marks of this Kafka topic are kept under; a recreated topic
@@ -206,36 +251,45 @@ def build_kafka_offsets_sensor(
                 context.log.warning(describe_lost(topic, lost))
             kept = {p: m for p, m in marks.items() if p not in lost}
             try:
-                plan = plan_sensor_tick(
+                plans = plan_lanes(
                     topic,
+                    lanes=lanes,
+                    busy=busy,
                     cursor=cursor,
                     lows={p: low for p, (low, _) in kept.items()},
                     ends={p: high for p, (_, high) in kept.items()},
                     committed={p: committed[p] for p in kept},
-                    runs_in_flight=in_flight,
                     start_from=start_from,
-                    now=datetime.now(UTC),
-                    offset_lookup=lambda moment: client.offsets_for_time(topic, moment),
+                    now=now,
+                    offset_lookup=_cached(lambda moment: client.offsets_for_time(topic, moment)),
                     max_records_per_run=max_records_per_run,
                 )
             except TopicResetError as exc:
                 return _refuse(context, exc)
-        record_origins(lake.location(), topic, plan.origins)
-        new_cursor = json.dumps(
-            {"topic": topic, "offsets": {str(p): o for p, o in sorted(plan.cursor.items())}}
-        )
-        if not plan.batches:
-            repair = _repair_request(
-                context, postgres, lake, topic, sorted(marks), op_name, datetime.now(UTC)
-            )
+        origins = {p: o for lane in plans for p, o in lane.plan.origins.items()}
+        record_origins(lake.location(), topic, origins)
+        planned = {p: o for lane in plans for p, o in lane.plan.cursor.items()}
+        offsets = {**(cursor or {}), **planned}
+        retries = _parse_retries(context.cursor)
+        requests: list[dg.RunRequest] = []
+        for lane in plans:
+            tag = lane_tag(lane.lane, lanes)
+            if not lane.plan.batches:
+                continue
+            if lane.plan.recovering:
+                mine = {p: committed[p] for p in lane.plan.cursor}
+                requests += _rerequest(context, tag, lane.plan.batches, mine, op_name, retries, now)
+            else:
+                retries.pop(tag, None)
+                requests += [_run_request(b, op_name, lane=tag) for b in lane.plan.batches]
+        new_cursor = _cursor_text(topic, offsets, retries)
+        if requests:
+            return dg.SensorResult(run_requests=requests, cursor=new_cursor)
+        if not any(lane.plan.batches for lane in plans) and not busy:
+            repair = _repair_request(context, postgres, lake, topic, sorted(marks), op_name, now)
             if repair is not None:
                 return dg.SensorResult(run_requests=[repair], cursor=new_cursor)
-            context.update_cursor(new_cursor)
-            return dg.SkipReason(f"no new records on {topic}")
-        if plan.recovering:
-            return _rerequest(context, plan.batches, committed, op_name, new_cursor)
-        return dg.SensorResult(
-            run_requests=[_run_request(b, op_name) for b in plan.batches], cursor=new_cursor
-        )
+        context.update_cursor(new_cursor)
+        return dg.SkipReason(f"no new records for the free lanes of {topic}")
 
     return kafka_offsets_sensor

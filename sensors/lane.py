@@ -18,12 +18,13 @@ from assets.ingest import (
     CUSTOMER_BALANCES,
     INGEST_JOB,
     INGEST_OP,
-    INGEST_POOL,
     RAW_BILLING_EVENTS,
     TRANSACTION_HISTORY,
 )
+from assets.pools import INGEST_POOL, LAKE_POOL
 from billing_dagster.alerts import FinishedRun
 from billing_dagster.circuit_breaker import BREAKER_TAG, HELD
+from billing_dagster.revenue_refresh import REFRESH_KIND
 
 #: A run counts as in flight from the moment the queue holds it.
 WAITING_OR_RUNNING = [dg.DagsterRunStatus.QUEUED, *IN_PROGRESS_RUN_STATUSES]
@@ -59,10 +60,12 @@ def lane_kind(run: DagsterRun) -> str | None:
 
     if ingests(run):
         return INGEST
+    if run.tags.get(INGEST_CONCURRENCY_TAG) == REFRESH_KIND:
+        return None  # revenue refreshes: not the lane's, "Revenue Refresh Failed" is theirs
     if run.tags.get(INGEST_CONCURRENCY_TAG):
         return run.tags[INGEST_CONCURRENCY_TAG]
     pools = run.run_op_concurrency.all_pools if run.run_op_concurrency else None
-    return run.job_name if pools and INGEST_POOL in pools else None
+    return run.job_name if pools and {INGEST_POOL, LAKE_POOL} & set(pools) else None
 
 
 def ingest_runs_in_flight(instance: dg.DagsterInstance) -> list[DagsterRun]:

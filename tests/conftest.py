@@ -17,6 +17,7 @@ from billing_dagster.kafka_io import KafkaClient, KafkaSettings, ensure_topic
 from billing_dagster.local_infra.kafka import ApacheKafka
 from billing_dagster.local_infra.postgres import LocalPostgres
 from billing_dagster.local_infra.process import REPO_ROOT, stop_on_sigterm
+from billing_dagster.local_infra.redis import LocalRedis
 from billing_dagster.local_infra.s3 import ACCESS_KEY, REGION, SECRET_KEY, MotoS3
 from billing_dagster.producer import make_producer, produce_records
 from billing_dagster.settings import load_settings
@@ -45,6 +46,13 @@ def postgres() -> Iterator[LocalPostgres]:
 @pytest.fixture(scope="session")
 def s3() -> Iterator[MotoS3]:
     with MotoS3() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis() -> Iterator[LocalRedis]:
+    """Broker and result backend of the Celery engine (tests/test_celery.py)."""
+    with LocalRedis() as server:
         yield server
 
 
@@ -106,6 +114,9 @@ def pipeline_env(
         "BILLING_CONSUMER_GROUP": f"group-{topic}",
         "BILLING_LAKE_ROOT": lake_root,
         "BILLING_POSTGRES_URL": serving_url,
+        # One lane unless a test asks for more: the tests that count runs per log hour
+        # predate lanes; tests/test_parallel_lanes.py and the daemon tests of lanes set it.
+        "BILLING_INGEST_LANES": "1",
         **extra,
     }
 

@@ -44,12 +44,12 @@ def graphql(port: int, query: str) -> dict:
         return json.load(response)
 
 
-def successful_ingest_runs(port: int) -> int:
+def successful_ingest_runs(port: int, job: str = "ingest_billing_events") -> int:
     try:
         runs = graphql(port, SUCCESSFUL_RUNS)["data"]["runsOrError"]["results"]
     except (OSError, KeyError, TypeError):
         return 0
-    return sum(1 for run in runs if run["jobName"] == "ingest_billing_events")
+    return sum(1 for run in runs if run["jobName"] == job)
 
 
 def raw_rows(lake: Path) -> int:
@@ -214,6 +214,12 @@ def test_demo_runs_the_pipeline_in_the_ui_and_stops_cleanly(
             >= pl.col("kafka_partition").replace_strict(state_now.marks, default=0)
         )
         assert beyond.is_empty()
+        # The revenue aggregates come from their own runs (the revenue refresh sensor's),
+        # off the ingest runs.
+        deadline = time.monotonic() + 240
+        while successful_ingest_runs(port, "refresh_revenue") < 1:
+            assert time.monotonic() < deadline, f"no refresh run:\n{log.read_text()[-3000:]}"
+            time.sleep(2)
     finally:
         demo.send_signal(signal.SIGTERM)
         demo.wait(timeout=90)
@@ -239,8 +245,8 @@ def test_demo_runs_the_pipeline_in_the_ui_and_stops_cleanly(
         # (ingest creates the table empty before its first commit: nothing may be in it)
         quarantine = state / "lake" / QUARANTINE_TABLE
         assert not quarantine.exists() or pl.read_delta(str(quarantine)).is_empty()
-    # The ingest runs refreshed the revenue aggregates; after catching up a run the stop
-    # may have cut short, they hold exactly the accepted events' money.
+    # The refresh runs built the revenue aggregates; after catching up with what the stop
+    # left unrefreshed, they hold exactly the accepted events' money.
     daily_path = state / "lake" / "aggregated" / "daily_revenue"
     assert pl.read_delta(str(daily_path)).height > 0
     refresh_aggregates(LakeLocation(str(state / "lake")))

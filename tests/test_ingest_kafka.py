@@ -467,6 +467,28 @@ def run_batch(pipeline: Pipeline, instance: dg.DagsterInstance, cursor: str | No
     return metadata, cursor
 
 
+def run_refresh(
+    pipeline: Pipeline, instance: dg.DagsterInstance, cursor: str | None = None
+) -> tuple[dg.ExecuteInProcessResult | None, str | None]:
+    """One tick of the revenue refresh sensor and the run it requests (job refresh_revenue,
+    with the request's tags), as the daemon would do: the result (None if it requested
+    nothing) and the new cursor. Call it after run_batch to see the aggregates."""
+    sensor = pipeline.defs.resolve_sensor_def("revenue_refresh_sensor")
+    context = dg.build_sensor_context(
+        instance=instance, cursor=cursor, resources=pipeline.resources
+    )
+    result = sensor(context)
+    if isinstance(result, dg.SkipReason):
+        return None, cursor
+    (request,) = result.run_requests
+    run = pipeline.defs.resolve_job_def("refresh_revenue").execute_in_process(
+        instance=instance,
+        tags={**request.tags, "dagster/run_key": request.run_key},
+        raise_on_error=False,
+    )
+    return run, result.cursor
+
+
 def redeliver(pipeline: Pipeline, first: datetime, later: list[datetime]) -> tuple[str, list]:
     """One payment without created_at delivered at Kafka time `first` and ingested, then
     delivered again at each of `later` and ingested; returns its event_id and the later

@@ -23,9 +23,10 @@ from billing_dagster.contract import (
 from billing_dagster.delta_lake import read_table
 from billing_dagster.reconciliation import discrepancy_pct, within_tolerance
 from billing_dagster.synthetic import GeneratedRecord, SyntheticBillingStream
+from sensors.revenue_refresh import evaluate_refresh_alert
 
 from .conftest import Pipeline
-from .test_ingest_kafka import evaluate_sensor
+from .test_ingest_kafka import evaluate_sensor, run_refresh
 from .test_settings_and_cli import run_cli
 
 DAY = (datetime.now(UTC) - timedelta(days=1)).date()
@@ -77,6 +78,8 @@ def lone_small_payments(pipeline: Pipeline) -> list[dict]:
 
 
 def run_ingest(pipeline: Pipeline, instance: dg.DagsterInstance) -> list[dg.ExecuteInProcessResult]:
+    """Sensor ticks and ingest runs until nothing is left to request. The ingest runs carry
+    the money only: refresh() brings the aggregates up, as the refresh sensor would."""
     job = pipeline.defs.resolve_job_def("ingest_billing_events")
     results, cursor = [], None
     while True:
@@ -92,6 +95,13 @@ def run_ingest(pipeline: Pipeline, instance: dg.DagsterInstance) -> list[dg.Exec
             )
             assert result.success, [e.message for e in result.all_events if e.is_failure]
             results.append(result)
+
+
+def refresh(pipeline: Pipeline, instance: dg.DagsterInstance) -> dg.ExecuteInProcessResult:
+    """The revenue refresh sensor's tick and its run, which must succeed."""
+    result, _ = run_refresh(pipeline, instance)
+    assert result is not None and result.success
+    return result
 
 
 def reconcile(pipeline: Pipeline, instance: dg.DagsterInstance) -> dg.ExecuteInProcessResult:
@@ -123,8 +133,9 @@ def test_a_day_reconciles_exactly_then_injected_faults_are_named(
     pipeline.produce(records)
     ingest_runs = run_ingest(pipeline, instance)
     assert ingest_runs
+    refresh(pipeline, instance)
 
-    # The aggregates ran in the ingest job and match independent Decimal sums.
+    # The refresh after the ingest runs: aggregates match independent Decimal sums.
     expected = expected_by_currency(records)
     daily = read_table(pipeline.lake, DAILY_REVENUE_TABLE).filter(pl.col("revenue_date") == DAY)
     assert {r["currency"]: r["net_revenue"] for r in daily.iter_rows(named=True)} == {
@@ -263,12 +274,13 @@ def test_reconciling_a_day_without_events_reports_no_data(pipeline: Pipeline, in
     assert materialization.metadata["status"].value == "no_data"
 
 
-def test_a_failing_billing_events_check_blocks_the_aggregates_of_its_run(
+def test_a_failing_billing_events_check_blocks_the_aggregates_of_its_refresh(
     pipeline: Pipeline, instance: dg.DagsterInstance
 ):
     records = a_day_of_events(50)
     pipeline.produce(records)
     run_ingest(pipeline, instance)
+    _, cursor = run_refresh(pipeline, instance)
     before = read_table(pipeline.lake, DAILY_REVENUE_TABLE).drop("updated_at")
 
     # Corrupt billing_events behind the pipeline's back: a second row for an accepted event.
@@ -279,25 +291,17 @@ def test_a_failing_billing_events_check_blocks_the_aggregates_of_its_run(
     )
     write_deltalake(pipeline.lake.table_uri(BILLING_EVENTS_TABLE), copy.to_arrow(), mode="append")
 
-    # A new event in the same hour: the run ingests it, the check sees the duplicate.
+    # A new event in the same hour: its ingest run commits the money, nothing judges it
+    # there; the next refresh judges every row added since the last one, and stops.
     stream = SyntheticBillingStream(seed=99, customers=300, invalid_rate=0, duplicate_rate=0)
     pipeline.produce(list(stream.records(1, now=victim["created_at"])))
-    job = pipeline.defs.resolve_job_def("ingest_billing_events")
-    requests, _, _ = evaluate_sensor(pipeline, instance, None)
-    (request,) = requests
-    result = job.execute_in_process(
-        run_config=request.run_config,
-        partition_key=request.partition_key,
-        instance=instance,
-        raise_on_error=False,
-    )
-    assert not result.success
-    evaluation = next(
-        e.event_specific_data
-        for e in result.all_events
-        if e.event_type_value == "ASSET_CHECK_EVALUATION"
-        and e.event_specific_data.asset_key == dg.AssetKey("billing_events")
-    )
+    (ingested,) = run_ingest(pipeline, instance)
+    assert ingested.success
+    result, cursor = run_refresh(pipeline, instance, cursor)
+    assert result is not None and not result.success
+    (evaluation,) = [
+        e for e in result.get_asset_check_evaluations() if e.asset_key.path == ["billing_events"]
+    ]
     assert not evaluation.passed
     failed = evaluation.metadata["failed"].value
     assert [f["expectation"] for f in failed] == ["expect_column_values_to_be_unique"]
@@ -307,10 +311,20 @@ def test_a_failing_billing_events_check_blocks_the_aggregates_of_its_run(
         for e in result.all_events
         if e.event_type_value == "ASSET_MATERIALIZATION"
     }
-    assert "billing_events" in materialized
     assert not materialized & {"hourly_revenue", "daily_revenue", "customer_metrics"}
     after = read_table(pipeline.lake, DAILY_REVENUE_TABLE).drop("updated_at")
     assert after.sort("currency").equals(before.sort("currency"))
+    # Not requested again for the same version; the alert names the failed run.
+    assert run_refresh(pipeline, instance, cursor)[0] is None
+    alert = evaluate_refresh_alert(instance, pipeline.lake, datetime.now(UTC))
+    assert alert.firing and result.run_id in alert.summary
+    # Nor does reconciliation merge the rows the check refused: it fails, saying why.
+    held = reconcile(pipeline, instance)
+    assert not held.success
+    (failure,) = [e for e in held.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert "fail expectations/billing_events.json" in failure.message + str(
+        failure.event_specific_data.user_failure_data.description
+    )
 
 
 def test_aggregates_and_reconciliation_on_an_s3_lake(s3_pipeline: Pipeline):
@@ -318,8 +332,10 @@ def test_aggregates_and_reconciliation_on_an_s3_lake(s3_pipeline: Pipeline):
     with dg.instance_for_test() as instance:
         s3_pipeline.produce(records[:150])
         run_ingest(s3_pipeline, instance)
+        refresh(s3_pipeline, instance)
         s3_pipeline.produce(records[150:])  # a second batch: the incremental path on S3
         run_ingest(s3_pipeline, instance)
+        refresh(s3_pipeline, instance)
         assert s3_pipeline.lake.root.startswith("s3://")
         daily = read_table(s3_pipeline.lake, DAILY_REVENUE_TABLE).filter(
             pl.col("revenue_date") == DAY

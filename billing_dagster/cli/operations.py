@@ -37,6 +37,7 @@ def _last_ingest_run(instance: dg.DagsterInstance) -> dict[str, object] | None:
                 "job": run.job_name,
                 "status": run.status.value,
                 "kind": run.tags[INGEST_CONCURRENCY_TAG],
+                "lane": run.tags.get("billing/lane"),
                 "partition": run.tags.get("dagster/partition"),
                 "backfill": run.tags.get("dagster/backfill"),
                 "updated_at": record.update_timestamp.isoformat() if record else None,
@@ -59,6 +60,7 @@ def status(topic: str | None, as_json: bool) -> None:
     from billing_dagster.lost_offsets import acknowledged_gaps
     from billing_dagster.operations import partition_status
     from billing_dagster.reconciliation import latest_reconciliation
+    from billing_dagster.revenue_refresh import revenue_state
     from billing_dagster.serving import serving_marks
 
     settings = load_settings()
@@ -75,16 +77,19 @@ def status(topic: str | None, as_json: bool) -> None:
     except ServingUnavailableError as exc:
         serving, serving_error = None, str(exc)
     partitions = partition_status(marks, committed, serving)
-    last_run, in_progress = None, None
+    last_run, in_progress, refreshing = None, None, None
     if os.environ.get("DAGSTER_HOME"):
         from billing_dagster.backfills import dagster_instance
         from sensors.lane import ingest_runs_in_flight
+        from sensors.revenue_refresh import refresh_runs_in_flight
 
         instance = dagster_instance()
         last_run = _last_ingest_run(instance)
         # Every run that ingests, however launched (a UI Materialize has no tag).
         in_progress = len(ingest_runs_in_flight(instance))
+        refreshing = refresh_runs_in_flight(instance)
     recon = latest_reconciliation(lake)
+    revenue = revenue_state(lake)
     report = {
         "topic": topic,
         "topic_recreated": recreated,
@@ -108,6 +113,13 @@ def status(topic: str | None, as_json: bool) -> None:
         "serving_unavailable": serving_error,
         "last_run": last_run,
         "ingest_runs_in_progress": in_progress,
+        # The revenue aggregates against the lake (refreshed by refresh_revenue runs).
+        "revenue": {
+            "billing_events_version": revenue.current,
+            "aggregates_version": revenue.reflected,
+            "behind_since": revenue.behind_since.isoformat() if revenue.behind_since else None,
+            "refresh_runs_in_progress": refreshing,
+        },
         "last_reconciliation": None
         if recon is None
         else {
@@ -159,6 +171,14 @@ def status(topic: str | None, as_json: bool) -> None:
         )
     if in_progress:
         click.echo(f"ingest runs queued or running: {in_progress}")
+    if revenue.behind_since is not None:
+        click.echo(
+            f"revenue aggregates: at billing_events version {revenue.reflected}, the lake is at "
+            f"{revenue.current} (behind since {revenue.behind_since:%Y-%m-%d %H:%M:%S} UTC)"
+            + (f"; refresh runs queued or running: {refreshing}" if refreshing else "")
+        )
+    elif revenue.current is not None:
+        click.echo(f"revenue aggregates: current (billing_events version {revenue.current})")
     if recon is None:
         click.echo("last reconciliation: none")
     else:

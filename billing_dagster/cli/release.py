@@ -46,6 +46,7 @@ def release_request(run: dg.DagsterRun | None, run_id: str) -> ReleaseRequest:
         RELEASED_RUN_TAG,
     )
     from billing_dagster.definitions import INGEST_CONCURRENCY_TAG
+    from billing_dagster.lanes import ALL_LANES, LANE_TAG
 
     if run is None:
         raise OperationError(f"no run {run_id} in this Dagster instance (DAGSTER_HOME)")
@@ -62,8 +63,9 @@ def release_request(run: dg.DagsterRun | None, run_id: str) -> ReleaseRequest:
         partition_key=partition_key,
         run_config=dict(run.run_config),
         tags={
-            # Queued with the sensor's runs (one ingest run at a time), as replays are.
+            # In the held run's lane: queued behind that lane's runs.
             INGEST_CONCURRENCY_TAG: "replay",
+            LANE_TAG: run.tags.get(LANE_TAG, ALL_LANES),
             BREAKER_TAG: RELEASE,
             RELEASED_RUN_TAG: run.run_id,
         },
@@ -91,7 +93,6 @@ def _launch_release(instance: dg.DagsterInstance, request: ReleaseRequest) -> st
     from dagster._core.execution.backfill import PartitionBackfill
     from dagster._core.utils import make_new_backfill_id
 
-    from assets.aggregates import AGGREGATE_KEYS
     from assets.ingest import (
         BILLING_EVENTS,
         CUSTOMER_BALANCES,
@@ -107,13 +108,12 @@ def _launch_release(instance: dg.DagsterInstance, request: ReleaseRequest) -> st
             backfill_id=backfill_id,
             asset_graph=graph,
             partition_names=[request.partition_key],
-            # The aggregates follow, as in a sensor-launched run.
+            # The money only, as in a sensor-launched run: refresh_revenue follows.
             asset_selection=[
                 RAW_BILLING_EVENTS,
                 BILLING_EVENTS,
                 CUSTOMER_BALANCES,
                 TRANSACTION_HISTORY,
-                *AGGREGATE_KEYS,
             ],
             backfill_timestamp=time.time(),
             tags=request.tags,

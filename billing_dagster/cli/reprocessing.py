@@ -148,7 +148,6 @@ def replay(
         elif not plan.hours:
             click.echo("nothing to replay: no records in that range")
         return
-    from assets.aggregates import AGGREGATE_KEYS
     from assets.ingest import (
         BILLING_EVENTS,
         CUSTOMER_BALANCES,
@@ -157,23 +156,23 @@ def replay(
     )
     from billing_dagster.backfills import dagster_instance
     from billing_dagster.definitions import INGEST_CONCURRENCY_TAG, build_definitions
+    from billing_dagster.lanes import ALL_LANES, LANE_TAG
 
     _launch(
         dagster_instance(),
         build_definitions(settings),
-        # The aggregates follow, as in a sensor-launched run: a replay that fills a gap
-        # brings revenue up to date too.
+        # The money only, as in a sensor-launched run: the revenue refresh sensor brings
+        # the aggregates up to what the replay wrote (refresh_revenue).
         [
             RAW_BILLING_EVENTS,
             BILLING_EVENTS,
             CUSTOMER_BALANCES,
             TRANSACTION_HISTORY,
-            *AGGREGATE_KEYS,
         ],
         plan.partition_keys,
         title=f"replay {topic} {plan.start:%Y-%m-%d %H:%M}..{plan.end:%Y-%m-%d %H:%M}",
-        # Queued with the sensor's runs (one ingest run at a time).
-        tags={INGEST_CONCURRENCY_TAG: "replay", "billing/replay": "true"},
+        # Reads every partition: one replay run at a time, and the sensor's lanes wait.
+        tags={INGEST_CONCURRENCY_TAG: "replay", "billing/replay": "true", LANE_TAG: ALL_LANES},
         report=summary,
         what="",
         wait=wait,
@@ -228,6 +227,7 @@ def backfill(
     from assets.reconciliation import DAILY_RECONCILIATION
     from billing_dagster.backfills import dagster_instance
     from billing_dagster.definitions import INGEST_CONCURRENCY_TAG, build_definitions
+    from billing_dagster.lanes import ALL_LANES, LANE_TAG
 
     settings = load_settings()
     defs = build_definitions(settings)
@@ -249,6 +249,7 @@ def backfill(
     # Queued with the live ingest runs, as the sensor's and the schedule's runs are.
     if RAW_BILLING_EVENTS in assets:
         tags[INGEST_CONCURRENCY_TAG] = "replay"
+        tags[LANE_TAG] = ALL_LANES
     elif DAILY_RECONCILIATION in assets:
         tags[INGEST_CONCURRENCY_TAG] = "reconcile"
     names = [a.to_user_string() for a in assets]

@@ -33,8 +33,9 @@ def _analytics() -> RevenueAnalyticsResource:
 
 @click.command()
 def aggregate() -> None:
-    """Bring hourly_revenue, daily_revenue and customer_metrics up to billing_events now
-    (every ingest run does this; useful after repairing the lake)."""
+    """Bring hourly_revenue, daily_revenue and customer_metrics up to billing_events now,
+    without the Great Expectations check (the refresh_revenue job does this, checked,
+    seconds after each batch; useful after repairing the lake)."""
     from billing_dagster.aggregates import refresh_aggregates
 
     refresh = refresh_aggregates(lake_location(), allowed_lateness=_analytics().allowed_lateness())

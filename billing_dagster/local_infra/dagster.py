@@ -13,7 +13,36 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-from billing_dagster.local_infra.process import REPO_ROOT
+import yaml
+
+from billing_dagster.local_infra.process import REPO_ROOT, InfraError
+
+#: The instance of production, the demo and the tests (storage, run queue, lane, monitoring).
+BASE_INSTANCE_YAML = REPO_ROOT / "dev" / "dagster.yaml"
+#: How runs leave the queue: "default" (a process per run, started through the code
+#: server; dev/dagster.yaml alone) or "celery" (warm Celery workers, docs/scaling.md).
+ENGINES = ("default", "celery")
+_LAUNCHER_YAML = {"celery": REPO_ROOT / "dev" / "celery" / "run_launcher.yaml"}
+
+
+def write_instance_yaml(home: Path, engine: str = "default") -> Path:
+    """Write $DAGSTER_HOME/dagster.yaml for `engine`: dev/dagster.yaml as it is, followed
+    by the engine's `run_launcher` block. Appended as text, so the base file stays the one
+    definition of everything else, comments included."""
+    if engine not in ENGINES:
+        raise InfraError(f"the run engine must be one of {', '.join(ENGINES)}, got '{engine}'")
+    text = BASE_INSTANCE_YAML.read_text()
+    if engine in _LAUNCHER_YAML:
+        addition = _LAUNCHER_YAML[engine].read_text()
+        # YAML lets a repeated key win silently: a section in both files is refused instead.
+        both = set(yaml.safe_load(text) or {}) & set(yaml.safe_load(addition) or {})
+        if both:
+            raise InfraError(f"{_LAUNCHER_YAML[engine]} repeats {sorted(both)} of dev/dagster.yaml")
+        text = f"{text.rstrip()}\n\n{addition}"
+    home.mkdir(parents=True, exist_ok=True)
+    target = home / "dagster.yaml"
+    target.write_text(text)
+    return target
 
 
 def dagster_command(name: str) -> str:
