@@ -268,8 +268,10 @@ def build_kafka_offsets_sensor(
                 return _refuse(context, exc)
         origins = {p: o for lane in plans for p, o in lane.plan.origins.items()}
         record_origins(lake.location(), topic, origins)
-        planned = {p: o for lane in plans for p, o in lane.plan.cursor.items()}
-        offsets = {**(cursor or {}), **planned}
+        # Every kept partition, busy lanes' too (their plan keeps the cursor). A partition
+        # left out for lost offsets drops out: after the gap is acknowledged it starts
+        # again from the lake's marks, past the gap.
+        offsets = {p: o for lane in plans for p, o in lane.plan.cursor.items()}
         retries = _parse_retries(context.cursor)
         requests: list[dg.RunRequest] = []
         for lane in plans:
