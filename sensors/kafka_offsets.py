@@ -109,16 +109,17 @@ def _rerequest(
     op_name: str,
     retries: dict[str, RetryState],
     now: datetime,
+    waiting: list[str],
 ) -> list[dg.RunRequest]:
     """Offsets a run of this lane left uncommitted (it failed for good, or crashed),
     asked again from the lake's offsets: under a new run key (the same offsets give the
     same key, which Dagster would skip), at once the first time, then backing off while
-    they keep failing. Updates `retries`."""
+    they keep failing. Updates `retries`; a lane backing off says so in `waiting`."""
     previous = retries.get(lane)
     retry = next_retry(previous, committed, now)
     if retry is None:
         due = previous.at + retry_delay(previous.attempt)
-        context.log.info(
+        waiting.append(
             f"lane {lane}: offsets a failed run left were re-requested {previous.attempt} "
             f"time(s) without committing; next re-request after {due:%H:%M:%S} UTC"
         )
@@ -274,14 +275,17 @@ def build_kafka_offsets_sensor(
         offsets = {p: o for lane in plans for p, o in lane.plan.cursor.items()}
         retries = _parse_retries(context.cursor)
         requests: list[dg.RunRequest] = []
+        waiting: list[str] = []
         for lane in plans:
             tag = lane_tag(lane.lane, lanes)
-            if not lane.plan.batches:
-                continue
-            if lane.plan.recovering:
+            if lane.plan.recovering and lane.plan.batches:
                 mine = {p: committed[p] for p in lane.plan.cursor}
-                requests += _rerequest(context, tag, lane.plan.batches, mine, op_name, retries, now)
-            else:
+                requests += _rerequest(
+                    context, tag, lane.plan.batches, mine, op_name, retries, now, waiting
+                )
+            elif lane.lane not in busy:
+                # The lake caught up with what the lane requested: its back-off is over.
+                # (A busy lane keeps it: its run may be the re-request, failing again.)
                 retries.pop(tag, None)
                 requests += [_run_request(b, op_name, lane=tag) for b in lane.plan.batches]
         new_cursor = _cursor_text(topic, offsets, retries)
@@ -292,6 +296,8 @@ def build_kafka_offsets_sensor(
             if repair is not None:
                 return dg.SensorResult(run_requests=[repair], cursor=new_cursor)
         context.update_cursor(new_cursor)
+        if waiting:
+            return dg.SkipReason("; ".join(waiting))
         return dg.SkipReason(f"no new records for the free lanes of {topic}")
 
     return kafka_offsets_sensor

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import itertools
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -126,3 +128,15 @@ def history_counts(url: str) -> tuple[int, int]:
         cursor.execute("SELECT count(*), count(DISTINCT event_id) FROM transaction_history")
         rows, distinct = cursor.fetchone()
         return rows, distinct
+
+
+@contextmanager
+def balance_writes_held(url: str) -> Iterator[None]:
+    """Writes to customer_balances wait while this lasts (reads do not): an ingest run
+    that gets there is deterministically mid-batch, nothing of it committed anywhere."""
+    with connect(url) as connection, connection.cursor() as cursor:
+        cursor.execute("LOCK TABLE customer_balances IN EXCLUSIVE MODE")
+        try:
+            yield
+        finally:
+            connection.rollback()

@@ -20,7 +20,6 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +39,13 @@ from billing_dagster.synthetic import GeneratedRecord, SyntheticBillingStream
 from sensors.lane import ingest_runs_in_flight, ingests
 
 from .conftest import Pipeline, operated_env
-from .lake_rows import balances, balances_not_matching_history, expected_balances, history_counts
+from .lake_rows import (
+    balance_writes_held,
+    balances,
+    balances_not_matching_history,
+    expected_balances,
+    history_counts,
+)
 from .test_lane import wait_for, worker_pid
 from .test_operations import Feed
 
@@ -230,18 +235,6 @@ def executed_on(engine: Engine, run_id: str) -> int:
     pid = worker_pid(engine.instance, run_id)
     assert pid is not None
     return pid
-
-
-@contextmanager
-def balance_writes_held(url: str) -> Iterator[None]:
-    """Writes to customer_balances wait while this lasts (reads do not): an ingest run
-    that gets there is deterministically mid-batch, nothing of it committed anywhere."""
-    with connect(url) as connection, connection.cursor() as cursor:
-        cursor.execute("LOCK TABLE customer_balances IN EXCLUSIVE MODE")
-        try:
-            yield
-        finally:
-            connection.rollback()
 
 
 def waiting_on_lock(url: str) -> bool:

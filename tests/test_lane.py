@@ -31,10 +31,12 @@ from billing_dagster.enrichment import write_reference_data
 from billing_dagster.local_infra.dagster import dagster_daemon
 from billing_dagster.local_infra.process import REPO_ROOT
 from billing_dagster.offsets import hour_key
+from billing_dagster.postgres_db import migrate
 from billing_dagster.synthetic import SyntheticBillingStream
 from sensors.lane import INGEST_ASSET_KEYS, ingests
 
 from .conftest import Pipeline, operated_env, pipeline_env
+from .lake_rows import balance_writes_held
 from .test_alerts_sensor import AlertsSensor, notifications
 from .test_ingest_kafka import evaluate_sensor, request_ranges
 
@@ -84,7 +86,7 @@ def test_a_batch_failing_for_good_is_rerequested_under_new_keys_backing_off_and_
         (second,), cursor, _ = evaluate_sensor(pipeline, instance, cursor)
         assert request_ranges(second) == request_ranges(first)
         assert second.run_key != first.run_key
-        assert json.loads(cursor)["retry"]["attempt"] == 1
+        assert json.loads(cursor)["retry"]["0/1"]["attempt"] == 1  # per lane
         # Until the lake moves it is not asked for on every tick.
         again, cursor, skip = evaluate_sensor(pipeline, instance, cursor)
         assert again == [] and "re-requested 1 time(s)" in skip.skip_message
@@ -216,23 +218,30 @@ def materialize_from_ui(process_context, assets: list[dg.AssetKey], partition: s
 @pytest.mark.timeout(900)
 def test_a_ui_materialization_shares_the_lane_and_the_sensor_waits_for_it(lane_env, tmp_path):
     with running_lane(lane_env(), tmp_path) as lane, ui_workspace(lane.instance) as ui:
-        lane.pipeline.produce(records(41, 300))
-        sensor_run = wait_for(
-            "the sensor's run to start",
-            lambda: next(
-                (
-                    r
-                    for r in lane.lane_runs()
-                    if r.dagster_run.status == dg.DagsterRunStatus.STARTED
+        url = lane.pipeline.settings.postgres_url
+        migrate(url)
+        # The sensor's run is held mid-batch (its balance upsert waits) while the UI's run
+        # is launched: a batch is over in seconds, too soon to see the queue otherwise.
+        with balance_writes_held(url):
+            lane.pipeline.produce(records(41, 300))
+            sensor_run = wait_for(
+                "the sensor's run to start",
+                lambda: next(
+                    (
+                        r
+                        for r in lane.lane_runs()
+                        if r.dagster_run.status == dg.DagsterRunStatus.STARTED
+                    ),
+                    None,
                 ),
-                None,
-            ),
-        ).dagster_run
-        assert sensor_run.tags[INGEST_CONCURRENCY_TAG] == "kafka"
-        ui_run_id = materialize_from_ui(ui, sorted(INGEST_ASSET_KEYS), hour_key(datetime.now(UTC)))
-        assert not lane.record(sensor_run.run_id).dagster_run.is_finished
-        # More records while the UI's run is queued or running: the sensor must wait.
-        lane.pipeline.produce(records(42, 300))
+            ).dagster_run
+            assert sensor_run.tags[INGEST_CONCURRENCY_TAG] == "kafka"
+            ui_run_id = materialize_from_ui(
+                ui, sorted(INGEST_ASSET_KEYS), hour_key(datetime.now(UTC))
+            )
+            assert not lane.record(sensor_run.run_id).dagster_run.is_finished
+            # More records while the UI's run is queued or running: the sensor must wait.
+            lane.pipeline.produce(records(42, 300))
         ui_run = wait_for(
             "the UI's run to finish",
             lambda: (r := lane.record(ui_run_id)).dagster_run.is_finished and r,
