@@ -148,6 +148,9 @@ def run_demo(
             stack.callback(redis.stop)
             env["DAGSTER_CELERY_BROKER_URL"] = redis.url
             echo(f"  Celery broker on {redis.url}")
+            # Dagster's storage tables first, here: `dagster dev` and the workers would
+            # otherwise race to create them on the fresh database ("already exists").
+            _create_dagster_storage(dagster_home, env)
         ui = subprocess.Popen(
             [
                 sys.executable,
@@ -233,3 +236,18 @@ def _feed(
     producer = make_producer(broker.bootstrap_servers, single_record_batches=broker.kind == "tansu")
     run_at_rate(workload, billing_event_writer(producer, topic), rate=rate, should_stop=should_stop)
     producer.flush(30)
+
+
+def _create_dagster_storage(home: Path, env: dict[str, str]) -> None:
+    """Open the instance once (its Postgres storage creates its tables), in a child
+    process with the demo's environment, before the processes that share it start."""
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"import dagster as dg; dg.DagsterInstance.from_config({str(home)!r}).dispose()",
+        ],
+        env={**os.environ, **env, "DAGSTER_HOME": str(home)},
+        check=True,
+        timeout=120,
+    )
